@@ -1,0 +1,57 @@
+"""CoCosNet: exemplar-based translation = correspondence (warp the exemplar) + generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .correspondence import Correspondence
+from .generator import SPADEGenerator
+from .layers import init_xavier
+
+
+@dataclass
+class CoCosNetOutput:
+    image: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    warped: list[torch.Tensor]  # coarse -> fine (B, 3, h, w)
+    matches: list[torch.Tensor]  # coarse -> fine (B, 2, h, w): exemplar (row, col) of each pixel's best match
+    cycle: torch.Tensor | None  # (B, 3, h0, w0) exemplar -> input -> exemplar (training only)
+    candidates: list[torch.Tensor]  # per PatchMatch level (B, h*w, K) flat candidate indices
+    domain_features: list[tuple[torch.Tensor, torch.Tensor]] | None  # L_domain pairs, when a target is given
+
+
+class CoCosNet(nn.Module):
+    """Holds the correspondence network and the generator (discriminator and VGG live beside it)."""
+
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        self.corr = Correspondence(cfg)
+        num_warps = 4 if cfg.correspondence == "patchmatch" else 1
+        self.generator = SPADEGenerator(cfg.image_size, cfg.label_nc, num_warps, cfg.ngf, cfg.spade_hidden, cfg.pono)
+        init_xavier(self)
+
+    def correspondence(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
+                       target: torch.Tensor | None = None):
+        self._check_inputs(input_map, exemplar, exemplar_map)
+        return self.corr(input_map, exemplar, exemplar_map, target)
+
+    def generate(self, input_map: torch.Tensor, warped: list[torch.Tensor]) -> torch.Tensor:
+        return self.generator(input_map, warped)
+
+    def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
+                target: torch.Tensor | None = None) -> CoCosNetOutput:
+        """input_map (B, label_nc, H, W), exemplar (B, 3, H, W) in [-1, 1], exemplar_map like input_map;
+        target (x_B, optional) adds the domain-alignment feature pairs used by L_domain."""
+        corr = self.correspondence(input_map, exemplar, exemplar_map, target)
+        image = self.generate(input_map, corr.warped)
+        return CoCosNetOutput(image, corr.warped, corr.matches, corr.cycle, corr.candidates, corr.domain_features)
+
+    def _check_inputs(self, input_map, exemplar, exemplar_map) -> None:
+        h, w = self.cfg.image_size
+        expected = {"input_map": self.cfg.label_nc, "exemplar": 3, "exemplar_map": self.cfg.label_nc}
+        for name, t in zip(expected, (input_map, exemplar, exemplar_map)):
+            if t.dim() != 4 or t.shape[1] != expected[name] or tuple(t.shape[-2:]) != (h, w):
+                raise ValueError(f"{name} must be (B, {expected[name]}, {h}, {w}), got {tuple(t.shape)}")

@@ -1,0 +1,118 @@
+"""Cross-domain correspondence: domain-aligned feature pyramid, full attention at the coarsest
+level, then hierarchical PatchMatch (v2); or one full-attention level at H/4 (v1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .patchmatch import PatchMatchGRU, seed_from_coarse
+from .pyramid import DomainAdaptor
+
+
+def matching_features(x: torch.Tensor, center: bool, eps: float = 1e-10) -> torch.Tensor:
+    """Centre over channels (PONO-C) and unit-normalise each position. (B, C, h, w) -> same."""
+    if center:
+        x = x - x.mean(dim=1, keepdim=True)
+    return x / (torch.norm(x, 2, 1, keepdim=True) + eps)
+
+
+def downsample_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Average-pool (B, C, H, W) by the integer factor that gives ``size``."""
+    factor = image.shape[-2] // size[0]
+    return image if factor == 1 else F.avg_pool2d(image, factor, stride=factor)
+
+
+@dataclass
+class AttentionResult:
+    warp: torch.Tensor  # (B, 3, h, w)
+    best: torch.Tensor  # (B, 2, h, w) (row, col) of the most attended exemplar position
+    cycle: torch.Tensor | None  # (B, 3, h, w) exemplar -> input -> exemplar warp
+
+
+def global_attention(query: torch.Tensor, key: torch.Tensor, exemplar: torch.Tensor, temperature: float,
+                     with_cycle: bool) -> AttentionResult:
+    """Full correlation between every input position and every exemplar position.
+
+    query, key: (B, C, h, w) normalised features; exemplar: (B, 3, h, w).
+    Memory: two (B, hw, hw) matrices (logits and softmax), e.g. 64 MiB each at 64x64.
+    """
+    b, _, h, w = query.shape
+    logits = torch.bmm(query.flatten(2).transpose(1, 2), key.flatten(2)) / temperature  # (B, hw, hw)
+    attn = F.softmax(logits, dim=-1)
+    warp = torch.bmm(attn, exemplar.flatten(2).transpose(1, 2))  # (B, hw, 3)
+    cycle = None
+    if with_cycle:
+        back = F.softmax(logits.transpose(1, 2), dim=-1)
+        cycle = torch.bmm(back, warp).transpose(1, 2).reshape(b, 3, h, w)
+    index = torch.topk(attn, 1, dim=-1)[1].view(b, h, w)
+    best = torch.stack([torch.div(index, w, rounding_mode="floor"), index % w], dim=1).float()
+    return AttentionResult(warp.transpose(1, 2).reshape(b, 3, h, w), best, cycle)
+
+
+@dataclass
+class CorrespondenceOutput:
+    warped: list[torch.Tensor]  # coarse -> fine (B, 3, h, w)
+    matches: list[torch.Tensor]  # coarse -> fine (B, 2, h, w): exemplar (row, col) of the best match
+    cycle: torch.Tensor | None  # (B, 3, h0, w0), training only
+    candidates: list[torch.Tensor]  # per PatchMatch level (B, h*w, K) flat candidate indices
+    domain_features: list[tuple[torch.Tensor, torch.Tensor]] | None  # (from x_A, from x_B) per level
+
+
+class Correspondence(nn.Module):
+    """Warp the exemplar onto the input.
+
+    input_map (B, label_nc, H, W), exemplar (B, 3, H, W), exemplar_map (B, label_nc, H, W).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        nf, levels = cfg.nef, cfg.num_levels
+        adaptor = dict(nf=nf, kernel=cfg.adaptor_kernel, hidden=cfg.spade_hidden, pono=cfg.pono, num_levels=levels)
+        self.adaptive_model_seg = DomainAdaptor(cfg.label_nc, **adaptor)
+        self.adaptive_model_img = DomainAdaptor(cfg.label_nc + 3, **adaptor)
+        if cfg.correspondence == "patchmatch":
+            level_ch = [4 * nf, 4 * nf, 2 * nf, nf]
+            match_ch = nf
+        else:  # v1 matches the H/4 features at full adaptor width
+            level_ch = [4 * nf, 4 * nf]
+            match_ch = 4 * nf
+        self.match_levels = [0, 1, 2, 3] if cfg.correspondence == "patchmatch" else [1]
+        for i in self.match_levels:
+            self.add_module(f"theta_{i}", nn.Conv2d(level_ch[i], match_ch, 1))
+            self.add_module(f"phi_{i}", nn.Conv2d(level_ch[i], match_ch, 1))
+        if cfg.correspondence == "patchmatch":
+            self.patch_match = PatchMatchGRU(match_ch, cfg.num_candidates, cfg.patchmatch_iters, cfg.temperature,
+                                             cfg.official_compat)
+
+    def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
+                target: torch.Tensor | None = None) -> CorrespondenceOutput:
+        """``target`` (x_B, the photo of input_map) adds the domain-alignment feature pairs."""
+        feats_a = self.adaptive_model_seg(input_map)
+        feats_b = self.adaptive_model_img(torch.cat([exemplar, exemplar_map], dim=1))
+        domain = None
+        if target is not None:
+            feats_pair = self.adaptive_model_img(torch.cat([target, input_map], dim=1))
+            domain = list(zip(feats_a, feats_pair))
+        center = self.cfg.pono_c
+        warped, matches, candidates, cycle, best = [], [], [], None, None
+        for i in self.match_levels:
+            query = matching_features(getattr(self, f"theta_{i}")(feats_a[i]), center)
+            key = matching_features(getattr(self, f"phi_{i}")(feats_b[i]), center)
+            size = tuple(query.shape[-2:])
+            image = downsample_to(exemplar, size)
+            if best is None:
+                res = global_attention(query, key, image, self.cfg.temperature, with_cycle=self.training)
+                cycle, best = res.cycle, res.best
+            else:
+                seed = seed_from_coarse(best, size, self.cfg.search_window, self.cfg.search_dilation)
+                res = self.patch_match(query, key, image, seed)
+                candidates.append(res.index)
+                best = res.first if self.cfg.official_compat else res.best
+            warped.append(res.warp)
+            matches.append(res.best)
+        return CorrespondenceOutput(warped, matches, cycle, candidates, domain)

@@ -1,0 +1,46 @@
+"""SPADE generator modulated by the warped exemplars and the input map."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import SPADEResBlock, leaky_relu
+
+
+class SPADEGenerator(nn.Module):
+    """Decode from an H/32 seed to (B, 3, H, W) in [-1, 1].
+
+    Every block is modulated by ``cond`` = [warped exemplars resized to (H, W) ..., input map],
+    with positional normalisation (PONO) instead of batch statistics.
+    """
+
+    def __init__(self, image_size: tuple[int, int], label_nc: int, num_warps: int, ngf: int = 64,
+                 hidden: int = 128, pono: bool = True):
+        super().__init__()
+        self.image_size = image_size
+        self.seed_size = (image_size[0] // 32, image_size[1] // 32)
+        cond = 3 * num_warps + label_nc
+        block = lambda fin, fout: SPADEResBlock(fin, fout, cond, hidden, pono)  # noqa: E731
+        self.fc = nn.Conv2d(cond, 8 * ngf, 3, padding=1)
+        self.head_0 = block(8 * ngf, 8 * ngf)
+        self.G_middle_0 = block(8 * ngf, 8 * ngf)
+        self.G_middle_1 = block(8 * ngf, 8 * ngf)
+        self.up_0 = block(8 * ngf, 8 * ngf)
+        self.up_1 = block(8 * ngf, 4 * ngf)
+        self.up_2 = block(4 * ngf, 2 * ngf)
+        self.up_3 = block(2 * ngf, ngf)
+        self.conv_img = nn.Conv2d(ngf, 3, 3, padding=1)
+
+    def forward(self, input_map: torch.Tensor, warped: list[torch.Tensor]) -> torch.Tensor:
+        """input_map: (B, label_nc, H, W); warped: coarse -> fine (B, 3, h, w) -> (B, 3, H, W)."""
+        resized = [F.interpolate(w, size=self.image_size, mode="nearest") if w.shape[-2:] != self.image_size
+                   else w for w in warped]
+        cond = torch.cat([*resized, input_map], dim=1)
+        x = self.fc(F.interpolate(cond, size=self.seed_size, mode="nearest"))
+        x = self.head_0(x, cond)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.G_middle_1(self.G_middle_0(x, cond), cond)
+        for block in (self.up_0, self.up_1, self.up_2, self.up_3):
+            x = block(F.interpolate(x, scale_factor=2, mode="nearest"), cond)
+        return torch.tanh(self.conv_img(leaky_relu(x)))

@@ -1,0 +1,116 @@
+"""Building blocks shared by the domain adaptors and the generator (SPADE family)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import spectral_norm
+
+
+def leaky_relu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2)
+
+
+def positional_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """PONO: normalise each position over channels. (B, C, H, W) -> (B, C, H, W)."""
+    mean = x.mean(dim=1, keepdim=True)
+    std = x.var(dim=1, keepdim=True).add(eps).sqrt()
+    return (x - mean) / std
+
+
+def channel_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Unit L2 norm over channels at every position. (B, C, H, W) -> (B, C, H, W)."""
+    return x / (torch.norm(x, 2, 1, keepdim=True) + eps)
+
+
+class SpectralInstanceConv(nn.Sequential):
+    """Spectral-normalised convolution without bias, then affine-free instance norm.
+
+    The bias would be cancelled by the instance norm, so it is dropped (as in SPADE's
+    ``spectralinstance`` layers).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0):
+        conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False)
+        super().__init__(spectral_norm(conv), nn.InstanceNorm2d(out_ch, affine=False))
+
+
+class ResidualBlock(nn.Module):
+    """Reflection-padded residual block with instance norm and one shared PReLU.
+
+    Layer indices follow the official layout (pad, conv, norm, prelu, pad, conv, norm) so that
+    checkpoints map one to one; the PReLU slope is a single parameter used twice.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.relu = nn.PReLU()
+        self.model = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3),
+            nn.InstanceNorm2d(channels),
+            self.relu,
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3),
+            nn.InstanceNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.model(x))
+
+
+class SPADE(nn.Module):
+    """Spatially-adaptive denormalisation: param-free norm, then per-pixel scale and shift
+    predicted from a conditioning map resized (nearest) to the features.
+
+    x: (B, C, H, W), cond: (B, C_cond, H', W') -> (B, C, H, W)
+    """
+
+    def __init__(self, channels: int, cond_channels: int, hidden: int = 128, pono: bool = True):
+        super().__init__()
+        self.norm = positional_norm if pono else nn.InstanceNorm2d(channels, affine=False)
+        self.mlp_shared = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(cond_channels, hidden, 3), nn.ReLU())
+        self.pad = nn.ReflectionPad2d(1)
+        self.mlp_gamma = nn.Conv2d(hidden, channels, 3)
+        self.mlp_beta = nn.Conv2d(hidden, channels, 3)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        cond = F.interpolate(cond, size=x.shape[2:], mode="nearest")
+        actv = self.pad(self.mlp_shared(cond))
+        return self.norm(x) * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+
+
+class SPADEResBlock(nn.Module):
+    """SPADE residual block with spectral-normalised reflection-padded convolutions.
+
+    x: (B, fin, H, W), cond: (B, C_cond, H', W') -> (B, fout, H, W)
+    """
+
+    def __init__(self, fin: int, fout: int, cond_channels: int, hidden: int = 128, pono: bool = True):
+        super().__init__()
+        fmid = min(fin, fout)
+        self.learned_shortcut = fin != fout
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv_0 = spectral_norm(nn.Conv2d(fin, fmid, 3))
+        self.conv_1 = spectral_norm(nn.Conv2d(fmid, fout, 3))
+        self.norm_0 = SPADE(fin, cond_channels, hidden, pono)
+        self.norm_1 = SPADE(fmid, cond_channels, hidden, pono)
+        if self.learned_shortcut:
+            self.conv_s = spectral_norm(nn.Conv2d(fin, fout, 1, bias=False))
+            self.norm_s = SPADE(fin, cond_channels, hidden, pono)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shortcut = self.conv_s(self.norm_s(x, cond)) if self.learned_shortcut else x
+        dx = self.conv_0(self.pad(leaky_relu(self.norm_0(x, cond))))
+        dx = self.conv_1(self.pad(leaky_relu(self.norm_1(dx, cond))))
+        return shortcut + dx
+
+
+def init_xavier(module: nn.Module, gain: float = 0.02) -> None:
+    """The official init: xavier-normal conv weights (gain 0.02), zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            weight = m.weight_orig if hasattr(m, "weight_orig") else m.weight
+            nn.init.xavier_normal_(weight.data, gain=gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias.data)

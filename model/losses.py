@@ -1,0 +1,313 @@
+"""CoCosNet-v2 training losses: VGG feature matching, perceptual, contextual, hinge GAN with
+discriminator feature matching, domain alignment, cycle warping and warp-to-target.
+
+The formulas and their normalisations follow the official ``pix2pix_model.compute_generator_loss``
+so that the official loss weights (:class:`LossWeights` defaults) keep their meaning.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Literal, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.discriminator import MultiscaleDiscriminator
+from model.vgg import VGG19
+
+Center = Literal["channel", "spatial"]
+
+VGG_LAYERS: tuple[str, ...] = ("r12", "r22", "r32", "r42", "r52")
+# Deeper layers weigh more in feature matching: they carry semantics, shallow ones texture.
+VGG_LAYER_WEIGHTS: tuple[float, ...] = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
+PERCEPTUAL_LAYER = "r42"  # official --which_perceptual 4_2
+
+
+# ----------------------------------------------------------------------------- contextual loss
+
+
+def _unit_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Unit L2 norm over channels at every position. (B, C, ...) -> (B, C, ...)."""
+    return x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
+
+
+def contextual_loss(
+    x: torch.Tensor, y: torch.Tensor, h: float = 0.1, center: Center | None = "channel"
+) -> torch.Tensor:
+    """Contextual loss (Mechrez et al. 2018) of features x against y, per sample.
+
+    x: (B, C, H, W), y: (B, C, H', W') -> (B,). Each position of x is matched to its most
+    similar position of y, irrespective of where it is, so x may be a spatially rearranged y.
+
+    ``center``: what to subtract from both x and y before the cosine similarity (always y's
+    statistics, so that the two live in the same frame):
+    ``"channel"``: y's mean over channels at each position (official with ``--PONO``; needs
+    H, W == H', W'); ``"spatial"``: y's per-channel mean over positions; ``None``: nothing.
+    """
+    if x.shape[:2] != y.shape[:2]:
+        raise ValueError(f"x and y need the same batch and channels, got {tuple(x.shape)}, {tuple(y.shape)}")
+    # The relative normalisation divides by (min distance + 1e-3): half precision is not enough.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        if center == "channel":
+            if x.shape[2:] != y.shape[2:]:
+                raise ValueError(f"center='channel' needs equal spatial sizes, got {tuple(x.shape)}, {tuple(y.shape)}")
+            mean = y.mean(dim=1, keepdim=True)
+        elif center == "spatial":
+            mean = y.mean(dim=(2, 3), keepdim=True)
+        elif center is None:
+            mean = torch.zeros((), dtype=y.dtype, device=y.device)
+        else:
+            raise ValueError(f"center must be 'channel', 'spatial' or None, got {center!r}")
+        x = _unit_channels(x - mean).flatten(2)  # (B, C, N)
+        y = _unit_channels(y - mean).flatten(2)  # (B, C, M)
+        distance = 1 - x.transpose(1, 2) @ y  # (B, N, M) cosine distance
+        relative = distance / (distance.min(dim=-1, keepdim=True).values + 1e-3)
+        # softmax == exp((1 - d) / h) normalised over each row, without overflow/underflow risk.
+        affinity = torch.softmax((1 - relative) / h, dim=-1)
+        similarity = affinity.max(dim=-1).values.mean(dim=1)  # (B,)
+        return -torch.log(similarity)
+
+
+def vgg_contextual_loss(
+    fake: Mapping[str, torch.Tensor], exemplar: Mapping[str, torch.Tensor], center: Center | None = "channel"
+) -> torch.Tensor:
+    """The official ``get_ctx_loss``: 8 CX(r52) + 4 CX(r42) + 2 CX(avgpool2(r32)), batch mean.
+
+    fake, exemplar: VGG features by layer name, each (B, C, h, w). -> scalar.
+    """
+    # r32 is pooled to keep the (hw x hw) affinity matrix affordable.
+    return (
+        8 * contextual_loss(fake["r52"], exemplar["r52"].detach(), center=center).mean()
+        + 4 * contextual_loss(fake["r42"], exemplar["r42"].detach(), center=center).mean()
+        + 2
+        * contextual_loss(
+            F.avg_pool2d(fake["r32"], 2), F.avg_pool2d(exemplar["r32"].detach(), 2), center=center
+        ).mean()
+    )
+
+
+# ----------------------------------------------------------------------------- GAN losses
+
+DiscriminatorOutput = Sequence[torch.Tensor | Sequence[torch.Tensor]]
+
+
+def _predictions(pred_list: DiscriminatorOutput) -> list[torch.Tensor]:
+    """Per discriminator, its prediction map: the last feature when given all of them."""
+    return [p[-1] if isinstance(p, (list, tuple)) else p for p in pred_list]
+
+
+def hinge_d_loss(pred_list: DiscriminatorOutput, real: bool) -> torch.Tensor:
+    """Discriminator hinge loss, mean over positions, averaged over discriminators. -> scalar.
+
+    pred_list: per discriminator a (B, 1, h, w) map, or its list of features ending with it.
+    """
+    preds = _predictions(pred_list)
+    sign = -1.0 if real else 1.0  # real: relu(1 - D), fake: relu(1 + D)
+    return sum(F.relu(1 + sign * p).mean() for p in preds) / len(preds)
+
+
+def hinge_g_loss(pred_list: DiscriminatorOutput) -> torch.Tensor:
+    """Generator hinge loss -D(fake), mean over positions, averaged over discriminators. -> scalar."""
+    preds = _predictions(pred_list)
+    return sum(-p.mean() for p in preds) / len(preds)
+
+
+def gan_feature_matching(
+    fake_feats: Sequence[Sequence[torch.Tensor]], real_feats: Sequence[Sequence[torch.Tensor]]
+) -> torch.Tensor:
+    """L1 between the discriminators' intermediate features of fake and real, / num_D. -> scalar.
+
+    The last feature of each discriminator (its prediction) is excluded; real is a fixed target.
+    """
+    num_d = len(fake_feats)
+    total = 0.0
+    for fake_d, real_d in zip(fake_feats, real_feats, strict=True):
+        for fake_f, real_f in zip(fake_d[:-1], real_d[:-1], strict=True):
+            total = total + F.l1_loss(fake_f, real_f.detach())
+    return total / num_d
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Loss weights; defaults are the official DeepFashionHD training command line."""
+
+    gan: float = 10.0  # hinge GAN (generator and discriminator)
+    gan_feat: float = 10.0  # discriminator feature matching
+    vgg: float = 10.0  # scales both VGG feature matching and the contextual loss
+    fm_ratio: float = 1.0  # VGG feature matching, relative to vgg
+    perceptual: float = 0.001  # MSE at relu4_2
+    contextual: float = 1.0  # contextual loss, relative to vgg
+    warp_self: float = 500.0  # warped exemplar vs target on pseudo pairs, every level
+    warp_cycle: float = 1.0  # exemplar -> input -> exemplar warp vs exemplar
+    domain: float = 10.0  # L1 between the two domain adaptors' features (official weight_novgg_featpair)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = float(getattr(self, f.name))
+            if not value >= 0:  # also rejects NaN
+                raise ValueError(f"loss weight {f.name} must be >= 0, got {value}")
+            object.__setattr__(self, f.name, value)
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, float]) -> "LossWeights":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def pseudo_sample_weights(is_pseudo: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) pseudo-pair flags -> (B, 1, 1, 1) weights p / (sum(p) + 1e-5), as official."""
+    p = is_pseudo.reshape(-1).to(device=like.device, dtype=like.dtype)
+    return (p / (p.sum() + 1e-5)).view(-1, 1, 1, 1)
+
+
+def weighted_l1(x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
+    """mean(|x - y| * w) over all elements, batch included (official ``weighted_l1_loss``).
+
+    With w = p / sum(p) the batch is averaged twice, so the value scales as 1 / batch size.
+    """
+    return (torch.abs(x - y) * sample_weights).mean()
+
+
+def _resize_to(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Average-pool (B, C, H, W) to like's (h, w); equals avg_pool2d(k=s=H/h) when it divides."""
+    return F.adaptive_avg_pool2d(image, like.shape[-2:])
+
+
+@contextlib.contextmanager
+def _without_param_grads(module: nn.Module) -> Iterator[None]:
+    """Forward through module without recording gradients for its parameters."""
+    saved = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------- the full loss
+
+
+class CoCosNetLoss(nn.Module):
+    """Generator and discriminator objectives of CoCosNet-v2.
+
+    Holds the frozen VGG19 and the discriminator (trained elsewhere). ``batch`` keys:
+    ``input_map`` x_A (B, label_nc, H, W), ``image`` x_B (B, 3, H, W) in [-1, 1], ``exemplar``
+    y_B (B, 3, H, W), ``exemplar_map`` y_A, ``is_pseudo`` (B,) bool/float (1: the exemplar is a
+    distorted x_B, so pixel-level supervision applies).
+
+    ``out`` attributes: ``image`` (B, 3, H, W); ``warped`` coarse -> fine list of (B, 3, h, w);
+    ``cycle`` (B, 3, h0, w0) or None; ``domain_features`` list of (from input map, from target
+    photo) pairs, already normalised, or None.
+
+    Every returned term is already weighted; a term whose weight is 0 is absent.
+    """
+
+    def __init__(self, weights: LossWeights, vgg: VGG19, discriminator: MultiscaleDiscriminator):
+        super().__init__()
+        self.weights = weights
+        self.vgg = vgg.eval().requires_grad_(False)
+        self.discriminator = discriminator
+
+    def train(self, mode: bool = True) -> "CoCosNetLoss":
+        super().train(mode)
+        self.vgg.eval()  # frozen: always the inference behaviour
+        return self
+
+    def _vgg_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(VGG_LAYERS, self.vgg(image, VGG_LAYERS)))
+
+    def _discriminate(
+        self, input_map: torch.Tensor, fake: torch.Tensor, real: torch.Tensor
+    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Features of D on fake and real, from one pass (one spectral-norm power iteration)."""
+        both = self.discriminator(torch.cat([input_map, input_map]), torch.cat([fake, real]))
+        b = fake.shape[0]
+        return [[f[:b] for f in d] for d in both], [[f[b:] for f in d] for d in both]
+
+    def generator_loss(self, batch: Mapping[str, torch.Tensor], out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp.
+
+        Gradients reach ``out``'s tensors, never the VGG or the discriminator.
+        """
+        w = self.weights
+        fake, target, exemplar = out.image, batch["image"], batch["exemplar"]
+        sample_weights = pseudo_sample_weights(batch["is_pseudo"], fake)
+        terms: dict[str, torch.Tensor] = {}
+
+        feat_weight, context_weight = w.vgg * w.fm_ratio, w.vgg * w.contextual
+        if feat_weight or w.perceptual or context_weight:
+            with torch.no_grad():
+                fixed = self._vgg_features(torch.cat([target, exemplar]))
+            b = target.shape[0]
+            target_f = {k: v[:b] for k, v in fixed.items()}
+            exemplar_f = {k: v[b:] for k, v in fixed.items()}
+            fake_f = self._vgg_features(fake)
+            if feat_weight:
+                terms["feat"] = feat_weight * sum(
+                    lw * weighted_l1(fake_f[k], target_f[k], sample_weights)
+                    for k, lw in zip(VGG_LAYERS, VGG_LAYER_WEIGHTS)
+                )
+            if w.perceptual:
+                terms["perc"] = w.perceptual * F.mse_loss(fake_f[PERCEPTUAL_LAYER], target_f[PERCEPTUAL_LAYER])
+            if context_weight:
+                terms["context"] = context_weight * vgg_contextual_loss(fake_f, exemplar_f)
+
+        if w.gan or w.gan_feat:
+            with _without_param_grads(self.discriminator):
+                pred_fake, pred_real = self._discriminate(batch["input_map"], fake, target)
+            if w.gan:
+                terms["gan"] = w.gan * hinge_g_loss(pred_fake)
+            if w.gan_feat:
+                terms["gan_feat"] = w.gan_feat * gan_feature_matching(pred_fake, pred_real)
+
+        domain_features = getattr(out, "domain_features", None)
+        if w.domain and domain_features is not None:
+            terms["domain"] = w.domain * sum(F.l1_loss(a, b) for a, b in domain_features)
+
+        cycle = getattr(out, "cycle", None)
+        if w.warp_cycle and cycle is not None:
+            terms["reg"] = w.warp_cycle * F.l1_loss(cycle, _resize_to(exemplar, cycle))
+
+        warped = getattr(out, "warped", None)
+        if w.warp_self and warped:
+            terms["warp"] = w.warp_self * sum(
+                weighted_l1(level, _resize_to(target, level), sample_weights) for level in warped
+            )
+
+        return _total(terms, fake), terms
+
+    def discriminator_loss(
+        self, batch: Mapping[str, torch.Tensor], fake_image: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (total, {"d_fake", "d_real"}); fake_image is detached (no gradient to the generator)."""
+        terms: dict[str, torch.Tensor] = {}
+        if self.weights.gan:
+            pred_fake, pred_real = self._discriminate(batch["input_map"], fake_image.detach(), batch["image"])
+            terms["d_fake"] = self.weights.gan * hinge_d_loss(pred_fake, real=False)
+            terms["d_real"] = self.weights.gan * hinge_d_loss(pred_real, real=True)
+        return _total(terms, fake_image), terms
+
+
+def _total(terms: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    total = like.new_zeros((), dtype=torch.float32)
+    for value in terms.values():
+        total = total + value
+    return total

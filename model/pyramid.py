@@ -1,0 +1,46 @@
+"""Domain adaptors: map an input-domain map, or an exemplar photo with its map, into a shared
+feature domain at four resolutions (H/8, H/4, H/2, H)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import ResidualBlock, SPADEResBlock, SpectralInstanceConv, channel_normalize, leaky_relu
+
+
+class DomainAdaptor(nn.Module):
+    """Encoder (H -> H/8) and a SPADE decoder with skip connections back to H.
+
+    The decoder is modulated by the adaptor's own input, so the features keep its layout.
+    x: (B, in_ch, H, W) -> [(B, 4nf, H/8, W/8), (B, 4nf, H/4, W/4), (B, 2nf, H/2, W/2), (B, nf, H, W)],
+    each unit-normalised over channels. ``num_levels`` < 4 stops the decoder early.
+    """
+
+    def __init__(self, in_ch: int, nf: int, kernel: int = 3, hidden: int = 128, pono: bool = True,
+                 num_levels: int = 4):
+        super().__init__()
+        pad = (kernel - 1) // 2
+        self.num_levels = num_levels
+        self.layer1 = SpectralInstanceConv(in_ch, nf, 3, padding=pad)
+        self.layer2 = nn.Sequential(SpectralInstanceConv(nf, 2 * nf, 3, padding=1), ResidualBlock(2 * nf))
+        self.layer3 = nn.Sequential(SpectralInstanceConv(2 * nf, 4 * nf, kernel, 2, pad), ResidualBlock(4 * nf))
+        self.layer4 = nn.Sequential(SpectralInstanceConv(4 * nf, 4 * nf, kernel, 2, pad), ResidualBlock(4 * nf))
+        self.layer5 = nn.Sequential(SpectralInstanceConv(4 * nf, 4 * nf, kernel, 2, pad), ResidualBlock(4 * nf))
+        decoder = [(4 * nf, 4 * nf), (4 * nf, 4 * nf), (4 * nf, 2 * nf), (2 * nf, nf)][:num_levels]
+        names = ["head_0", "G_middle_0", "G_middle_1", "G_middle_2"]
+        for name, (fin, fout) in zip(names, decoder):
+            self.add_module(name, SPADEResBlock(fin, fout, in_ch, hidden, pono))
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        cond = x
+        x2 = self.layer2(leaky_relu(self.layer1(x)))
+        x3 = self.layer3(leaky_relu(x2))
+        x4 = self.layer4(leaky_relu(x3))
+        x5 = self.layer5(leaky_relu(x4))
+        feats = [self.head_0(x5, cond)]
+        skips = [x4, x3, x2]
+        blocks = [getattr(self, name) for name in ("G_middle_0", "G_middle_1", "G_middle_2")[: self.num_levels - 1]]
+        for block, skip in zip(blocks, skips):
+            feats.append(block(self.up(feats[-1]) + skip, cond))
+        return [channel_normalize(f) for f in feats]
