@@ -199,7 +199,8 @@ def load_vgg19(weights: str, seed: int = 0, preprocess: Preprocess | None = None
 def _random_vgg19(seed: int, preprocess: Preprocess) -> VGG19:
     # A local generator keeps the global RNG untouched and makes the weights a function of seed.
     generator = torch.Generator().manual_seed(seed)
-    vgg = VGG19(preprocess=preprocess)
+    with torch.random.fork_rng(devices=[]):  # the default init inside VGG19() draws from it
+        vgg = VGG19(preprocess=preprocess)
     with torch.no_grad():
         for name in CONV_NAMES:
             conv = getattr(vgg, name)

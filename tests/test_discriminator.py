@@ -1,0 +1,74 @@
+"""Multiscale PatchGAN discriminator: structure, parameter count, gradients."""
+from __future__ import annotations
+
+import torch
+
+from model.config import ModelConfig
+from model.discriminator import MultiscaleDiscriminator
+
+
+def _small() -> tuple[MultiscaleDiscriminator, torch.Tensor, torch.Tensor]:
+    d = MultiscaleDiscriminator(ModelConfig(image_size=(64, 64), label_nc=3, ndf=8, num_d=2, n_layers_d=4))
+    return d, torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64) * 2 - 1
+
+
+def test_output_structure():
+    d, input_map, image = _small()
+    out = d(input_map, image)
+    assert len(out) == 2
+    # kw 4, padding 1: stride 2 halves, stride 1 shrinks by one pixel.
+    assert [tuple(f.shape) for f in out[0]] == [
+        (2, 8, 32, 32), (2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 7, 7), (2, 1, 6, 6)
+    ]
+    assert [tuple(f.shape) for f in out[1]] == [
+        (2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 3, 3), (2, 1, 2, 2)
+    ]
+
+
+def test_channels_are_capped_at_512():
+    d = MultiscaleDiscriminator(ModelConfig(label_nc=1, ndf=256, num_d=1, n_layers_d=3))
+    out = d(torch.zeros(1, 1, 64, 64), torch.zeros(1, 3, 64, 64))
+    assert [f.shape[1] for f in out[0]] == [256, 512, 512, 1]
+
+
+def test_parameter_count_is_official_minus_unused_decoder():
+    d = MultiscaleDiscriminator(ModelConfig(label_nc=20, ndf=64, num_d=2, n_layers_d=4))
+    per_d = [sum(p.numel() for p in getattr(d, f"discriminator_{i}").parameters()) for i in range(2)]
+    assert per_d == [3_177_173 - 392_852] * 2
+
+
+def test_official_checkpoint_layout():
+    d, _, _ = _small()
+    keys = set(d.state_dict())
+    assert {"discriminator_0.model0.0.weight", "discriminator_0.model0.0.bias"} <= keys
+    assert {"discriminator_1.model2.0.0.weight_orig", "discriminator_1.model2.0.0.weight_u",
+            "discriminator_1.model2.0.0.weight_v"} <= keys
+    assert "discriminator_0.model1.0.0.bias" not in keys  # cancelled by the instance norm
+    assert {"discriminator_0.model4.0.weight", "discriminator_0.model4.0.bias"} <= keys
+    assert not any("dec" in k for k in keys)
+
+
+def test_second_discriminator_sees_the_downsampled_input():
+    d, input_map, image = _small()
+    d.eval()  # no power iteration: repeated forwards are identical
+    out = d(input_map, image)
+    expected = d.discriminator_1(d.downsample(torch.cat([input_map, image], 1)))
+    for a, b in zip(out[1], expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_downsample_excludes_padding():
+    x = torch.full((1, 2, 9, 9), 3.0)
+    y = MultiscaleDiscriminator.downsample(x)
+    assert y.shape == (1, 2, 5, 5)
+    torch.testing.assert_close(y, torch.full_like(y, 3.0))  # with padding counted, borders would be < 3
+
+
+def test_gradient_reaches_every_parameter_and_the_image():
+    d, input_map, image = _small()
+    image.requires_grad_(True)
+    out = d(input_map, image)
+    sum(f[-1].mean() for f in out).backward()
+    for name, p in d.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert image.grad is not None and image.grad.abs().sum() > 0

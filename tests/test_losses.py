@@ -1,0 +1,249 @@
+"""Losses: contextual, hinge GAN, feature matching, weights, and the full CoCosNetLoss."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.discriminator import MultiscaleDiscriminator
+from model.losses import (
+    CoCosNetLoss,
+    LossWeights,
+    contextual_loss,
+    gan_feature_matching,
+    hinge_d_loss,
+    hinge_g_loss,
+)
+from model.vgg import load_vgg19
+
+# ----------------------------------------------------------------------------- contextual
+
+
+def _naive_contextual(x: torch.Tensor, y: torch.Tensor, h: float) -> float:
+    """Loop version of the official formula (PONO centring) for one sample (C, H, W)."""
+    mean = y.mean(dim=0)
+    xs = [(x[:, i, j] - mean[i, j]) for i in range(x.shape[1]) for j in range(x.shape[2])]
+    ys = [(y[:, i, j] - mean[i, j]) for i in range(y.shape[1]) for j in range(y.shape[2])]
+    total = 0.0
+    for a in xs:
+        d = [1 - float(a @ b) / (float(a.norm()) * float(b.norm())) for b in ys]
+        d_min = min(d)
+        w = [math.exp((1 - di / (d_min + 1e-3)) / h) for di in d]
+        total += max(w) / sum(w)
+    return -math.log(total / len(xs))
+
+
+def test_contextual_matches_a_naive_implementation():
+    x, y = torch.rand(2, 5, 3, 3, dtype=torch.float64), torch.rand(2, 5, 3, 3, dtype=torch.float64)
+    got = contextual_loss(x, y, h=0.5)
+    assert got.shape == (2,)
+    for b in range(2):
+        assert got[b].item() == pytest.approx(_naive_contextual(x[b], y[b], 0.5), rel=1e-4)
+
+
+def test_contextual_identical_much_lower_than_unrelated():
+    y = torch.randn(3, 64, 8, 8).relu()
+    same = contextual_loss(y.clone(), y)
+    other = contextual_loss(torch.randn(3, 64, 8, 8).relu(), y)
+    assert same.shape == other.shape == (3,)
+    assert (same < 0.05).all() and (other > 0.5).all()
+
+
+def test_contextual_spatial_centring_ignores_where_features_are():
+    y = torch.randn(2, 16, 6, 6)
+    shuffled = y.flatten(2)[:, :, torch.randperm(36)].view(2, 16, 6, 6)
+    torch.testing.assert_close(contextual_loss(shuffled, y, center="spatial"), contextual_loss(y, y, center="spatial"))
+
+
+def test_contextual_gradients_are_finite_even_for_zero_features():
+    x = torch.randn(2, 8, 4, 4).relu()
+    x[:, :, 0, 0] = 0  # a dead position: zero norm
+    x.requires_grad_(True)
+    contextual_loss(x, torch.randn(2, 8, 4, 4).relu()).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_contextual_channel_centring_needs_equal_sizes():
+    with pytest.raises(ValueError, match="spatial"):
+        contextual_loss(torch.rand(1, 4, 4, 4), torch.rand(1, 4, 2, 2))
+    assert contextual_loss(torch.rand(1, 4, 4, 4), torch.rand(1, 4, 2, 2), center="spatial").shape == (1,)
+
+
+# ----------------------------------------------------------------------------- GAN
+
+
+def _const(value: float, shape=(2, 1, 3, 3)) -> torch.Tensor:
+    return torch.full(shape, value)
+
+
+def test_hinge_known_values_averaged_over_discriminators():
+    preds = [_const(0.5), _const(2.0, (2, 1, 2, 2))]
+    assert hinge_d_loss(preds, real=True).item() == pytest.approx((0.5 + 0.0) / 2)
+    assert hinge_d_loss(preds, real=False).item() == pytest.approx((1.5 + 3.0) / 2)
+    assert hinge_g_loss(preds).item() == pytest.approx((-0.5 - 2.0) / 2)
+
+
+def test_hinge_takes_the_last_feature_of_each_discriminator():
+    feats = [[_const(100.0), _const(-0.5)], [_const(100.0), _const(-3.0)]]
+    assert hinge_d_loss(feats, real=True).item() == pytest.approx((1.5 + 4.0) / 2)
+    assert hinge_d_loss(feats, real=False).item() == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_gan_feature_matching_excludes_predictions_and_divides_by_num_d():
+    fake = [[_const(1.0), _const(2.0), _const(50.0)], [_const(0.0), _const(0.0)]]
+    real = [[_const(0.0), _const(0.0), _const(-50.0)], [_const(3.0), _const(0.0)]]
+    real = [[t.requires_grad_(True) for t in d] for d in real]
+    loss = gan_feature_matching(fake, real)
+    assert loss.item() == pytest.approx((1.0 + 2.0 + 3.0) / 2)
+    assert not loss.requires_grad  # the real features are a fixed target
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def test_loss_weight_defaults_are_the_official_deepfashionhd_values():
+    assert LossWeights().to_dict() == {
+        "gan": 10.0, "gan_feat": 10.0, "vgg": 10.0, "fm_ratio": 1.0, "perceptual": 0.001,
+        "contextual": 1.0, "warp_self": 500.0, "warp_cycle": 1.0, "domain": 10.0,
+    }
+
+
+def test_loss_weights_from_dict():
+    assert LossWeights.from_dict({"gan": 1}).gan == 1.0
+    with pytest.raises(ValueError, match="warp_slef"):
+        LossWeights.from_dict({"warp_slef": 1.0})
+    with pytest.raises(ValueError, match="perceptual"):
+        LossWeights(perceptual=-1.0)
+
+
+# ----------------------------------------------------------------------------- CoCosNetLoss
+
+B, H, W, LABEL_NC = 2, 32, 32, 3
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    with pytest.warns(UserWarning, match="RANDOM"):
+        return load_vgg19("random", seed=0)
+
+
+def _criterion(vgg_net, **weights) -> CoCosNetLoss:
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=(H, W), label_nc=LABEL_NC, ndf=8, num_d=2, n_layers_d=3)
+    return CoCosNetLoss(LossWeights(**weights), vgg_net, MultiscaleDiscriminator(cfg))
+
+
+def _batch(is_pseudo=(1.0, 1.0)) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "input_map": torch.rand(B, LABEL_NC, H, W, generator=g),
+        "image": torch.rand(B, 3, H, W, generator=g) * 2 - 1,
+        "exemplar": torch.rand(B, 3, H, W, generator=g) * 2 - 1,
+        "exemplar_map": torch.rand(B, LABEL_NC, H, W, generator=g),
+        "is_pseudo": torch.tensor(is_pseudo),
+    }
+
+
+def _out(levels=(8, 4, 2, 1), cycle=True, domain=True) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(2)
+
+    def leaf(*shape):
+        return (torch.rand(*shape, generator=g) * 2 - 1).requires_grad_(True)
+
+    return SimpleNamespace(
+        image=leaf(B, 3, H, W),
+        warped=[leaf(B, 3, H // f, W // f) for f in levels],
+        cycle=leaf(B, 3, H // 8, W // 8) if cycle else None,
+        domain_features=[(leaf(B, 4, H // f, W // f), leaf(B, 4, H // f, W // f)) for f in (8, 4)] if domain else None,
+    )
+
+
+ALL_G_TERMS = {"feat", "perc", "context", "gan", "gan_feat", "domain", "reg", "warp"}
+
+
+def test_generator_terms_present_finite_and_summed(vgg):
+    total, terms = _criterion(vgg).generator_loss(_batch(), _out())
+    assert set(terms) == ALL_G_TERMS
+    for name, value in terms.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    torch.testing.assert_close(total, sum(terms.values()))
+    assert terms["warp"] > 0 and terms["feat"] > 0 and terms["context"] > 0
+
+
+def test_zero_weight_drops_the_term(vgg):
+    _, terms = _criterion(vgg, perceptual=0.0, domain=0.0, gan=0.0, warp_cycle=0.0).generator_loss(_batch(), _out())
+    assert set(terms) == ALL_G_TERMS - {"perc", "domain", "gan", "reg"}
+
+
+def test_v1_outputs_without_cycle_or_domain(vgg):
+    criterion = _criterion(vgg, vgg=0.0, perceptual=0.0)  # VGG terms are covered elsewhere
+    _, terms = criterion.generator_loss(_batch(), _out(levels=(4,), cycle=False, domain=False))
+    assert set(terms) == {"gan", "gan_feat", "warp"}
+
+
+def test_no_pseudo_pairs_zero_pixel_supervision(vgg):
+    criterion, out = _criterion(vgg, gan=0.0, gan_feat=0.0), _out()
+    _, terms = criterion.generator_loss(_batch(is_pseudo=(0.0, 0.0)), out)
+    assert terms["feat"].item() == 0.0 and terms["warp"].item() == 0.0
+    assert terms["context"] > 0 and terms["perc"] > 0  # those do not need a pixel-aligned pair
+
+
+def test_warp_loss_matches_the_official_formula(vgg):
+    batch, out = _batch(is_pseudo=(True, False)), _out()
+    pixel_only = dict(vgg=0.0, perceptual=0.0, gan=0.0, gan_feat=0.0)  # skip the expensive terms
+    _, terms = _criterion(vgg, **pixel_only).generator_loss(batch, out)
+    assert set(terms) == {"warp", "reg", "domain"}
+    weights = torch.tensor([1.0, 0.0]).view(-1, 1, 1, 1) / (1.0 + 1e-5)
+    expected = 0.0
+    for warped in out.warped:
+        factor = H // warped.shape[-1]
+        target = F.avg_pool2d(batch["image"], factor, stride=factor) if factor > 1 else batch["image"]
+        expected += torch.mean(F.l1_loss(warped, target, reduction="none") * weights) * 500.0
+    torch.testing.assert_close(terms["warp"], expected)
+    reg = F.l1_loss(out.cycle, F.avg_pool2d(batch["exemplar"], 8, stride=8))
+    torch.testing.assert_close(terms["reg"], reg)
+
+
+def test_generator_backward_reaches_outputs_not_discriminator_or_vgg(vgg):
+    criterion, out = _criterion(vgg), _out()
+    total, _ = criterion.generator_loss(_batch(), out)
+    total.backward()
+    leaves = [out.image, out.cycle, *out.warped, *[t for pair in out.domain_features for t in pair]]
+    for t in leaves:
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    assert all(p.grad is None for p in criterion.discriminator.parameters())
+    assert all(p.grad is None for p in criterion.vgg.parameters())
+    # The discriminator stays trainable afterwards.
+    assert all(p.requires_grad for p in criterion.discriminator.parameters())
+
+
+def test_discriminator_loss_trains_only_the_discriminator(vgg):
+    criterion, out = _criterion(vgg), _out()
+    total, terms = criterion.discriminator_loss(_batch(), out.image)
+    assert set(terms) == {"d_fake", "d_real"}
+    torch.testing.assert_close(total, terms["d_fake"] + terms["d_real"])
+    total.backward()
+    assert out.image.grad is None
+    for name, p in criterion.discriminator.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        # The prediction bias may get exactly zero: fake and real hinge slopes cancel inside the margin.
+        if not name.endswith("bias"):
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_discriminator_terms_are_weighted_hinge(vgg):
+    criterion = _criterion(vgg, gan=2.0)
+    batch, fake = _batch(), _out().image
+    _, terms = criterion.discriminator_loss(batch, fake)
+    criterion.discriminator.eval()  # freeze the power iteration to recompute the same forward
+    _, terms_eval = criterion.discriminator_loss(batch, fake)
+    d = criterion.discriminator
+    expected_fake = 2.0 * hinge_d_loss(d(batch["input_map"], fake), real=False)
+    expected_real = 2.0 * hinge_d_loss(d(batch["input_map"], batch["image"]), real=True)
+    torch.testing.assert_close(terms_eval["d_fake"], expected_fake)
+    torch.testing.assert_close(terms_eval["d_real"], expected_real)
+    assert torch.isfinite(terms["d_fake"]) and torch.isfinite(terms["d_real"])
