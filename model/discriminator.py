@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import spectral_norm
 
 from model.config import ModelConfig
+from model.layers import SpectralInstanceConv
 
 _KERNEL = 4
 _PADDING = 1  # the official int((4 - 1) / 2): outputs shrink by one pixel at stride 1
@@ -20,12 +20,6 @@ _MAX_CHANNELS = 512
 
 def _leaky_relu() -> nn.LeakyReLU:
     return nn.LeakyReLU(0.2)
-
-
-def _spectral_instance_conv(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
-    """Spectral-normalised conv + affine-free instance norm; the bias would be cancelled, so none."""
-    conv = nn.Conv2d(in_ch, out_ch, _KERNEL, stride=stride, padding=_PADDING, bias=False)
-    return nn.Sequential(spectral_norm(conv), nn.InstanceNorm2d(out_ch, affine=False))
 
 
 class NLayerDiscriminator(nn.Module):
@@ -47,7 +41,8 @@ class NLayerDiscriminator(nn.Module):
             out_channels = min(channels * 2, _MAX_CHANNELS)
             # The last intermediate layer keeps the resolution: a larger receptive field per patch.
             stride = 1 if n == n_layers - 1 else 2
-            stages.append(nn.Sequential(_spectral_instance_conv(channels, out_channels, stride), _leaky_relu()))
+            conv = SpectralInstanceConv(channels, out_channels, _KERNEL, stride, _PADDING)
+            stages.append(nn.Sequential(conv, _leaky_relu()))
             channels = out_channels
         stages.append(nn.Sequential(nn.Conv2d(channels, 1, _KERNEL, stride=1, padding=_PADDING)))
         self.num_stages = len(stages)
