@@ -1,0 +1,208 @@
+"""Loader: batch contract, exactly-once epochs across ranks x workers, DDP-equal infinite epochs, no pickle."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.errors import DataError
+from pipeline.data.loader import make_loader
+from tests.test_data_helpers import build_shards, tiny_shard_config
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("loader"))
+
+
+def all_keys(shard_dir, manifest, split):
+    keys = []
+    for info in manifest["splits"][split]["shards"]:
+        with tarfile.open(shard_dir / info["name"]) as tar:
+            keys += sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
+    return keys
+
+
+def loader(shard_dir, **kw):
+    args = dict(batch_size=4, image_size=32, label_nc=12, num_workers=0)
+    args.update(kw)
+    return make_loader(shard_dir, **args)
+
+
+def test_batches_have_the_contracted_keys_shapes_and_ranges(shards):
+    shard_dir, _ = shards
+    batch = next(iter(loader(shard_dir, real_exemplar_prob=0.5)))
+    assert batch["input_map"].shape == (4, 12, 32, 32) and batch["input_map"].dtype == torch.float32
+    assert batch["exemplar_map"].shape == (4, 12, 32, 32)
+    assert torch.equal(batch["input_map"].sum(1), torch.ones(4, 32, 32))  # one-hot
+    for name in ("image", "exemplar"):
+        assert batch[name].shape == (4, 3, 32, 32) and batch[name].dtype == torch.float32
+        assert -1.0 <= batch[name].min() and batch[name].max() <= 1.0
+    assert batch["is_pseudo"].shape == (4,) and batch["is_pseudo"].dtype == torch.bool
+    assert batch["flow"].shape == (4, 2, 32, 32) and batch["flow"].dtype == torch.float32
+    assert batch["flow_valid"].shape == (4, 1, 32, 32) and batch["flow_valid"].dtype == torch.bool
+    assert not batch["flow_valid"][~batch["is_pseudo"]].any()
+    assert len(batch["key"]) == 4 and len(batch["meta"]) == 4 and "palette" in batch["meta"][0]
+    assert torch.isfinite(batch["flow"]).all()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_finite_epoch_over_2_ranks_x_2_workers_reads_every_sample_once(shards, split, monkeypatch):
+    shard_dir, manifest = shards
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))  # as Ray Train sets them
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        rank_loader = make_loader(shard_dir, batch_size=3, split=split, image_size=32, label_nc=12, num_workers=2)
+        batches = list(rank_loader)
+        assert len(batches) == len(rank_loader)
+        seen += [key for batch in batches for key in batch["key"]]
+    expected = all_keys(shard_dir, manifest, split)
+    assert len(seen) == len(expected) == manifest["splits"][split]["samples"]
+    assert sorted(seen) == sorted(expected)  # the union is every key, and no duplicates
+
+
+def test_epochs_reshuffle_but_each_is_complete(shards):
+    shard_dir, manifest = shards
+    train = loader(shard_dir, shuffle_buffer=8)
+    first = [k for b in train for k in b["key"]]
+    second = [k for b in train for k in b["key"]]  # iter() again: the next epoch
+    assert sorted(first) == sorted(second) and first != second
+    train.set_epoch(0)
+    assert [k for b in train for k in b["key"]] == first  # deterministic given seed and epoch
+
+
+def test_infinite_mode_gives_every_rank_the_same_number_of_full_batches(shards):
+    shard_dir, manifest = shards
+    counts = []
+    for rank in (0, 1):
+        inf = loader(shard_dir, infinite=True, epoch_samples=50, num_workers=2, rank=rank, world_size=2)
+        batches = list(inf)
+        counts.append(len(batches))
+        assert len(batches) == len(inf) == 14  # ceil(ceil(50 / 4) / 2) * 2
+        assert all(len(b["key"]) == 4 for b in batches)
+        assert len({k for b in batches for k in b["key"]}) > manifest["splits"]["train"]["samples"] // 2
+    assert counts[0] == counts[1]
+
+
+def test_pseudo_or_real_pair_is_chosen_per_sample_deterministically(shards):
+    shard_dir, _ = shards
+
+    def choices(**kw):
+        return {k: bool(p) for b in loader(shard_dir, mode="both", **kw) for k, p in zip(b["key"], b["is_pseudo"])}
+
+    half = choices(real_exemplar_prob=0.5, seed=3)
+    assert 0 < sum(half.values()) < len(half)
+    assert choices(real_exemplar_prob=0.5, seed=3, num_workers=2) == half  # not a function of the worker split
+    assert all(choices(real_exemplar_prob=0.0).values())
+    assert not any(choices(real_exemplar_prob=1.0).values())
+
+
+def test_mode_both_returns_both_pairs(shards):
+    shard_dir, _ = shards
+    batch = next(iter(loader(shard_dir, mode="both", real_exemplar_prob=0.5, seed=1)))
+    for name in ("pseudo", "pseudo_map", "real_exemplar", "real_exemplar_map"):
+        assert batch[name].shape[0] == 4
+    for i, pseudo in enumerate(batch["is_pseudo"]):
+        chosen = batch["pseudo"][i] if pseudo else batch["real_exemplar"][i]
+        assert torch.equal(batch["exemplar"][i], chosen)
+    assert not torch.equal(batch["pseudo"], batch["real_exemplar"])
+
+
+def test_flow_from_the_loader_reconstructs_the_image(shards):
+    shard_dir, _ = shards
+    batch = next(iter(loader(shard_dir, batch_size=8, mode="both")))
+    flow, valid = batch["flow"], batch["flow_valid"][:, 0]
+    grid = torch.stack([flow[:, 1] / 31 * 2 - 1, flow[:, 0] / 31 * 2 - 1], dim=-1)
+    warped = F.grid_sample(batch["pseudo"], grid, align_corners=True)
+    identity = F.grid_sample(batch["pseudo"], F.affine_grid(torch.eye(2, 3).expand(8, 2, 3), (8, 3, 32, 32),
+                                                            align_corners=True), align_corners=True)
+    unchanged = batch["pseudo_map"].argmax(1) == batch["input_map"].argmax(1)
+    error = (warped - batch["image"]).abs().mean(1)[valid].mean()
+    baseline = (identity - batch["image"]).abs().mean(1)[valid].mean()
+    assert unchanged.float().mean() < 1.0  # the pseudo exemplar is really distorted
+    assert error < 0.5 * baseline  # photometric jitter remains; geometry is undone
+
+
+def test_other_image_size_is_resized(shards):
+    shard_dir, _ = shards
+    batch = next(iter(loader(shard_dir, image_size=64)))
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["input_map"].shape == (4, 12, 64, 64)
+    valid_flow = batch["flow"].permute(1, 0, 2, 3)[:, batch["flow_valid"][:, 0]]
+    assert valid_flow.max() <= 63.5 and valid_flow.max() > 40
+
+
+def test_edge_maps_arrive_as_their_channels(tmp_path):
+    shard_dir, _ = build_shards(tmp_path, task="edge", label_nc=1,
+                                shard_cfg=tiny_shard_config(pseudo_per_image=1, min_shards_per_split=1))
+    batch = next(iter(make_loader(shard_dir, batch_size=2, image_size=32, label_nc=1, num_workers=0)))
+    assert batch["input_map"].shape == (2, 1, 32, 32)
+    assert set(batch["input_map"].unique().tolist()) == {0.0, 1.0}
+
+
+def test_wrong_label_nc_and_missing_split_are_clear_errors(shards, tmp_path):
+    shard_dir, _ = shards
+    with pytest.raises(DataError, match="label_nc 20 does not match the shards' 12"):
+        loader(shard_dir, label_nc=20)
+    with pytest.raises(DataError, match="no 'test' shards"):
+        loader(shard_dir, split="test")
+    with pytest.raises(DataError, match="manifest.json: file not found"):
+        loader(tmp_path)
+
+
+class Payload:
+    """Unpickling this creates the marker file: proof that something was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loader_never_unpickles_shard_content(shards, tmp_path):
+    shard_dir, manifest = shards
+    marker = tmp_path / "unpickled"
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    info = manifest["splits"]["train"]["shards"][0]
+    with tarfile.open(shard_dir / info["name"]) as source, tarfile.open(evil_dir / info["name"], "w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            if member.name.endswith("pseudo_flow.npy"):
+                buffer = io.BytesIO()
+                np.save(buffer, np.array([Payload(str(marker))], dtype=object), allow_pickle=True)
+                data = buffer.getvalue()
+            member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+            if member.name.endswith("meta.json"):  # an extra pickle member must be ignored, not decoded
+                extra = tarfile.TarInfo(member.name.replace("meta.json", "extra.pyd"))
+                payload = __import__("pickle").dumps(Payload(str(marker)))
+                extra.size = len(payload)
+                target.addfile(extra, io.BytesIO(payload))
+    evil_manifest = json.loads((shard_dir / "manifest.json").read_text())
+    evil_manifest["splits"]["train"]["shards"] = [info]
+    (evil_dir / "manifest.json").write_text(json.dumps(evil_manifest))
+    with pytest.raises(DataError, match="refusing NPY"):
+        list(loader(evil_dir))
+    assert not marker.exists()
+
+
+def test_fewer_shards_than_workers_still_reads_everything(shards, tmp_path):
+    shard_dir, manifest = shards
+    small = tmp_path / "small"
+    small.mkdir()
+    info = manifest["splits"]["val"]["shards"][0]
+    shutil.copy(shard_dir / info["name"], small / info["name"])
+    small_manifest = dict(manifest, splits={"train": {"samples": 0, "shards": []},
+                                            "val": {"samples": info["samples"], "shards": [info]}})
+    (small / "manifest.json").write_text(json.dumps(small_manifest))
+    keys = [k for b in loader(small, split="val", num_workers=2) for k in b["key"]]
+    assert len(keys) == info["samples"] == len(set(keys))
+    assert list(loader(small, split="val", num_workers=2, rank=1, world_size=2)) == []  # no shard for rank 1
