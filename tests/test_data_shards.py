@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from pipeline.data.imageio import decode_jpeg, decode_png
 from pipeline.params import load_params
 from tests.test_data_helpers import build_shards, tiny_shard_config
 
+REPO = Path(__file__).resolve().parents[1]
 MEMBERS = {"input.png", "image.jpg", "exemplar.jpg", "exemplar_input.png", "pseudo.jpg", "pseudo_input.png",
            "pseudo_flow.npy", "meta.json"}
 
@@ -152,7 +154,7 @@ def test_stages_run_from_params_yaml(tmp_path, monkeypatch):
 
 
 def test_params_are_typed_and_checked(tmp_path):
-    repo_params = load_params()  # the repository's params.yaml is valid
+    repo_params = load_params(REPO / "params.yaml")  # the repository's params.yaml is valid
     DataConfig.from_params(repo_params["data"])
     ShardConfig.from_params(repo_params["shard"])
     with pytest.raises(ValueError, match="unknown keys"):
@@ -165,3 +167,15 @@ def test_params_are_typed_and_checked(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_params(bad)
+
+
+def test_dvc_stages_declare_their_inputs_and_outputs():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["prepare"]["cmd"] == "python -m stages.prepare"
+    assert stages["shard"]["cmd"] == "python -m stages.shard"
+    for name in ("prepare", "shard"):
+        assert {"pipeline/data", "pipeline/params.py", f"stages/{name}.py"} <= set(stages[name]["deps"])
+    assert "data/prepared" in stages["shard"]["deps"]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])}
+    assert {"data/prepared", "data/shards", "reports/shard_report.json"} <= outs
+    assert stages["prepare"]["params"] == ["data"] and "shard" in stages["shard"]["params"]

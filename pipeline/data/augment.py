@@ -164,7 +164,8 @@ def bilinear(array: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return top * (1 - wy) + bottom * wy
 
 
-def invert_backward_map(backward: np.ndarray, inside: np.ndarray, iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def invert_backward_map(backward: np.ndarray, inside: np.ndarray,
+                        iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Invert a smooth warp. backward (H, W, 2): x_B position (y, x) of each pseudo pixel;
     inside (H, W) bool: pseudo pixels whose content came from inside x_B.
     -> flow (2, H, W) float32, pseudo position of each x_B pixel (NaN where invalid); valid (H, W) bool.

@@ -106,11 +106,13 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg(data: bytes, where: str = "") -> np.ndarray:
-    """JPEG bytes -> (H, W, 3) uint8 RGB."""
+def decode_jpeg(data: bytes, where: str = "", out: np.ndarray | None = None) -> np.ndarray:
+    """JPEG bytes -> (H, W, 3) uint8 RGB, written into `out` when it has that shape (saves a copy)."""
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if array is None:
         raise DataError(f"{where}: cannot decode JPEG ({len(data)} bytes)")
+    if out is not None and out.shape == array.shape and out.dtype == np.uint8:
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB, dst=out)
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
 
@@ -204,7 +206,8 @@ def read_json(path: str | Path) -> Any:
 
 def encode_photo_png(rgb: np.ndarray) -> bytes:
     """(H, W, 3) uint8 RGB -> lossless PNG (prepared photos: no JPEG generation loss before sharding)."""
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
         raise DataError("PNG encoding failed")
     return encoded.tobytes()

@@ -36,8 +36,9 @@ from pipeline.data.imageio import (atomic_write_json, decode_npy, decode_png, en
 from pipeline.data.pairing import choose_exemplars
 from pipeline.data.prepare import FORMAT as PREPARED_FORMAT
 from pipeline.data.prepare import code_version, fingerprint, reset_if_stale
+from pipeline.data.schema import MEMBERS, SHARD_FORMAT, sample_key, stable_hash
 
-FORMAT = "cocosnet-wds/1"
+FORMAT = SHARD_FORMAT
 SPLITS = ("train", "val")
 
 
@@ -99,12 +100,6 @@ class Prepared:
 # ---------------------------------------------------------------- planning
 
 
-def stable_hash(*parts: Any) -> int:
-    """A 63-bit integer from the parts' text: the same on every machine and run (unlike hash())."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def assign_splits(prepared: Prepared, val_fraction: float, seed: int) -> list[str]:
     """"train"/"val" per item: the dataset's split where it has one, else a seeded exact fraction."""
     splits = [item.get("split_hint") or "" for item in prepared.items]
@@ -160,11 +155,8 @@ def plan_shards(prepared: Prepared, cfg: ShardConfig, seed: int) -> tuple[list[P
 # ---------------------------------------------------------------- writing
 
 
-def sample_key(source: str, name: str, variant: int) -> str:
-    return f"{source}/{name}#{variant}"
-
-
-def build_sample(prepared: Prepared, planned: PlannedSample, cfg: ShardConfig, seed: int) -> tuple[str, dict[str, bytes]]:
+def build_sample(prepared: Prepared, planned: PlannedSample, cfg: ShardConfig,
+                 seed: int) -> tuple[str, dict[str, bytes]]:
     """All members of one sample. -> (key, {suffix: bytes})."""
     index, source = prepared.index, prepared.source
     item, exemplar = prepared.items[planned.item], prepared.items[planned.exemplar]
@@ -177,7 +169,6 @@ def build_sample(prepared: Prepared, planned: PlannedSample, cfg: ShardConfig, s
         "variant": planned.variant, "size": list(prepared.image_size), "label_nc": source["label_nc"],
         "input_encoding": index["input_encoding"], "input_channels": index["input_channels"],
         "exemplar": exemplar["name"], "pairing": planned.pairing, "augmentation": pseudo.params,
-        "flow": "pseudo_flow.npy: (2,H,W) float16 (y,x) in pseudo.jpg of each image.jpg pixel; NaN = invalid",
     }
     if "palette" in item.get("meta", {}):
         meta["palette"] = item["meta"]["palette"]
@@ -192,6 +183,7 @@ def build_sample(prepared: Prepared, planned: PlannedSample, cfg: ShardConfig, s
         "pseudo_flow.npy": encode_npy(pseudo.flow.astype(np.float16)),
         "meta.json": encode_json(meta),
     }
+    assert sorted(members) == sorted(MEMBERS), "the shard schema and the writer disagree"
     return key, members
 
 

@@ -24,7 +24,8 @@ class ADE20KSource(Source):
     def __init__(self, *, root, task: str = "mask", image_size=(256, 256), label_nc: int = 151, seed: int = 0):
         super().__init__(root=root, task=task, image_size=image_size, label_nc=label_nc, seed=seed)
         if not 2 <= label_nc <= 65536:
-            raise DataError(f"ade20k: data.label_nc must be in [2, 65536] (151 = 150 classes + unlabelled), got {label_nc}")
+            raise DataError(f"ade20k: data.label_nc must be in [2, 65536] (151 = 150 classes + unlabelled), "
+                            f"got {label_nc}")
 
     def items(self) -> list[ItemRef]:
         root = self.require_root(LAYOUT)

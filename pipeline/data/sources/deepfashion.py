@@ -1,14 +1,13 @@
 """DeepFashionHD as CoCosNet v2 uses it: pose -> person, input = the official 20-channel pose encoding.
 
 Layout: img/<any folders>/<name>.jpg with OpenPose output pose/<same folders>/<name>_candidate.txt and
-<name>_subset.txt; optional train.txt / val.txt (paths like img/...jpg) and the pairing lists
-deepfashion_ref.txt / deepfashion_ref_test.txt ("img/a.jpg,img/ref1.jpg,...").
+<name>_subset.txt; optional train.txt / val.txt (paths like img/...jpg; images in neither list are
+split by shard.val_fraction) and the pairing lists deepfashion_ref.txt / deepfashion_ref_test.txt
+("img/a.jpg,img/ref1.jpg,..."; the first listed reference that exists is used).
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
 
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.imageio import fit, read_photo
