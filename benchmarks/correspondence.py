@@ -21,13 +21,17 @@ The loss is the sum of the mean of every warp (and of the level-0 cycle warp).
 
 How it is measured
 ------------------
-Every (section, implementation, size) runs in a fresh child process. Per iteration the child
-frees the previous gradients, runs ``gc``, resets the kernel's RSS high-water mark
-(``/proc/self/clear_refs``), reads the current RSS, runs forward+backward and reports
-``getrusage(RUSAGE_SELF).ru_maxrss`` minus that RSS: the peak resident memory the step added
-(PyTorch's CPU allocator returns large blocks to the OS, so RSS is the honest measure). Time is
-the median of ``--repeats`` timed iterations after ``--warmup`` untimed ones; memory is the
-largest peak of the timed iterations. The CPU may be shared with other jobs: timings are noisy.
+Every (section, implementation, size) runs in a fresh child process (``OMP_WAIT_POLICY=PASSIVE``
+unless set: spinning OpenMP workers made 2-thread ops up to ~6x slower on a shared 2-core CPU).
+Memory: before the first forward+backward the child frees the gradients, runs ``gc`` and
+``malloc_trim(0)``, resets the kernel's RSS high-water mark (``/proc/self/clear_refs``) and reads
+the current RSS; the peak is ``getrusage(RUSAGE_SELF).ru_maxrss`` after the step minus that RSS,
+i.e. the resident memory the step added (RSS is the honest measure for PyTorch's CPU allocator).
+Time: the median of ``--repeats`` iterations after ``--warmup`` untimed ones (``--repeats-large`` /
+``--warmup-large`` above 256; with no warmup the memory iteration is timed too), as wall-clock
+time and as process CPU time (all threads). The CPU may be shared with other jobs: wall time then
+includes waiting for a core, CPU time much less so; the 1-minute load average is printed per run.
+The full netCorr is run only at ``--netcorr-sizes`` (default 256): at 512 it needs ~20 GiB.
 
 The level-0 attention memory (logits + softmax, (B, hw, hw) float32 each) is printed computed for
 64x64 and 128x128 feature maps (512 and 1024 images) and measured (forward+backward with the
@@ -35,7 +39,7 @@ cycle softmax) for the sizes in ``--attention-measure``.
 
 Run from the repository root::
 
-    python -m benchmarks.correspondence                      # 256 and 512, all sections
+    python -m benchmarks.correspondence                      # search at 256 and 512, netCorr at 256
     python -m benchmarks.correspondence --sizes 256 --repeats 3
     python -m benchmarks.correspondence --mode official_compat --sections search
     python -m benchmarks.correspondence --profile 512         # top ops of ours (search section)
@@ -43,8 +47,10 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
+import os
 import random
 import re
 import resource
@@ -65,7 +71,6 @@ from model.patchmatch import (PatchMatchGRU, PatchMatchResult, index_to_offsets,
                               positions_to_index)
 
 REPO = Path(__file__).resolve().parents[1]
-THREADS = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,8 +221,8 @@ def check_equivalence(size: int = 128, nef: int = 16, seed: int = 3) -> dict:
     assert max_warp < 1e-4, f"warps differ by {max_warp}"
     max_grad = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(g_ours, g_base))
     assert max_grad < 1e-3, f"feature gradients differ (relative {max_grad})"
-    assert (w_ours is None) == (w_base is None)
-    return {"size": size, "max_warp_diff": max_warp, "max_rel_grad_diff": max_grad}
+    assert (w_ours is None) == (w_base is None), "the GRU gets a gradient in one implementation only"
+    return {"size": size, "max_warp_diff": max_warp, "max_rel_grad_diff": max_grad, "gru_grad": w_ours is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,33 +233,38 @@ def _rss_kib() -> int:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
 
 
-def _reset_peak() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0); ru_maxrss then restarts from the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _reset_peak() -> None:
+    """Return freed heap memory to the OS, then reset the RSS high-water mark (Linux >= 4.0), so
+    that ``ru_maxrss`` restarts from the memory actually in use."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def measure(step, reset, warmup: int, repeats: int) -> dict:
-    """Median time and largest peak RSS delta (MiB) of ``step`` over the timed iterations."""
-    times, peaks, resettable = [], [], True
-    for i in range(warmup + repeats):
+    """Peak RSS delta (MiB) of the first forward+backward and median time of the timed ones.
+
+    Iteration 0 measures memory (after ``malloc_trim`` and a high-water reset, so memory the
+    allocator kept from setup is not counted as already there); it is timed only when
+    ``warmup`` is 0. The others run in steady state, with whatever the allocator keeps.
+    """
+    times, cpu_times, peak_mib = [], [], None
+    for i in range(max(1, warmup + repeats)):
         reset()
         gc.collect()
-        resettable = _reset_peak() and resettable
-        base = _rss_kib()
-        start = time.perf_counter()
+        if i == 0:
+            _reset_peak()
+            base = _rss_kib()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
-        elapsed = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        if i == 0:
+            peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
         if i >= warmup:
             times.append(elapsed)
-            peaks.append(peak / 1024)
-    return {"time_s": statistics.median(times), "times_s": times, "peak_mib": max(peaks),
-            "peak_exact": resettable}
+            cpu_times.append(cpu)
+    return {"time_s": statistics.median(times), "cpu_s": statistics.median(cpu_times), "times_s": times,
+            "peak_mib": peak_mib, "load": os.getloadavg()[0]}
 
 
 def corr_case(section: str, impl: str, size: int, nef: int, mode: str):
@@ -294,6 +304,8 @@ def attention_case(feat: int, nef: int):
 
 def run_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
+    if spec["section"] == "check":
+        return check_equivalence(spec["size"])
     if spec["section"] == "attention":
         step, reset = attention_case(spec["size"], spec["nef"])
     else:
@@ -314,9 +326,15 @@ def profile(step, reset, rows: int = 25) -> dict:
 
 
 def spawn(spec: dict) -> dict:
-    """Run one measurement in a fresh interpreter and return its JSON result."""
+    """Run one measurement in a fresh interpreter and return its JSON result.
+
+    OpenMP threads sleep instead of spinning while waiting (``OMP_WAIT_POLICY=PASSIVE`` unless set):
+    on a CPU shared with other processes, spinning workers made 2-thread ops up to ~6x slower.
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.correspondence", "--child", json.dumps(spec)],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -335,16 +353,19 @@ def fmt_mib(mib: float) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'section':<8} {'size':>5} | {'ours s':>8} {'base s':>8} {'ratio':>6} | " \
-           f"{'ours peak':>10} {'base peak':>10} {'ratio':>6}"
+    ratio = lambda key, r: r["baseline"][key] / max(r["ours"][key], 1e-9)  # noqa: E731
+    head = (f"{'section':<8} {'size':>4} | {'wall s':>15} {'ratio':>6} | {'CPU s':>15} {'ratio':>6} | "
+            f"{'peak memory':>19} {'ratio':>6}")
     print(head)
+    print(f"{'':<8} {'':>4} | {'ours / base':>15} {'':>6} | {'ours / base':>15} {'':>6} | {'ours / base':>19}")
     print("-" * len(head))
     for r in rows:
         o, b = r["ours"], r["baseline"]
-        print(f"{r['section']:<8} {r['size']:>5} | {o['time_s']:>8.2f} {b['time_s']:>8.2f} "
-              f"{b['time_s'] / o['time_s']:>5.1f}x | {fmt_mib(o['peak_mib']):>10} {fmt_mib(b['peak_mib']):>10} "
-              f"{b['peak_mib'] / max(o['peak_mib'], 1e-9):>5.1f}x")
-    print("ratio = baseline / ours (time: speed-up; memory: >= 2.0x means at most half the baseline's peak)")
+        print(f"{r['section']:<8} {r['size']:>4} | {o['time_s']:>7.1f} {b['time_s']:>7.1f} {ratio('time_s', r):>5.2f}x | "
+              f"{o['cpu_s']:>7.1f} {b['cpu_s']:>7.1f} {ratio('cpu_s', r):>5.2f}x | "
+              f"{fmt_mib(o['peak_mib']):>9} {fmt_mib(b['peak_mib']):>9} {ratio('peak_mib', r):>5.2f}x")
+    print("ratio = baseline / ours: time > 1 means ours is faster (target >= 5x at 512); "
+          "memory >= 2 means ours peaks at most half the baseline (target)")
 
 
 def print_attention(measured: dict[int, dict], nef: int) -> None:
@@ -364,14 +385,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--sections", nargs="+", choices=["search", "netcorr"], default=["search", "netcorr"])
+    parser.add_argument("--netcorr-sizes", type=int, nargs="*", default=[256],
+                        help="sizes at which the full netCorr is run (512 needs ~20 GiB)")
     parser.add_argument("--nef", type=int, default=32)
     parser.add_argument("--mode", choices=["default", "official_compat"], default="default",
                         help="mode of ours (the baseline always has official semantics)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations at 256 (median reported)")
-    parser.add_argument("--repeats-large", type=int, default=1, help="timed iterations above 256")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations up to 256 (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first, up to 256")
+    parser.add_argument("--repeats-large", type=int, default=2, help="timed iterations above 256")
+    parser.add_argument("--warmup-large", type=int, default=0, help="untimed iterations first, above 256")
     parser.add_argument("--attention-measure", type=int, nargs="*", default=[64],
                         help="feature sizes at which to measure level-0 attention (128 needs ~6 GiB)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
+    parser.add_argument("--check-size", type=int, default=128, help="image size of the equivalence check")
     parser.add_argument("--profile", type=int, metavar="SIZE", help="only profile ours (search section) at SIZE")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -379,35 +405,39 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
         return
-    base_spec = {"nef": args.nef, "mode": args.mode, "threads": THREADS, "warmup": args.warmup}
+    base_spec = {"nef": args.nef, "mode": args.mode, "threads": args.threads, "warmup": args.warmup, "repeats": 1}
     if args.profile:
         spec = dict(base_spec, section="search", impl="ours", size=args.profile, profile=True)
         print(spawn(spec)["table"])
         return
 
-    torch.set_num_threads(THREADS)
-    check = check_equivalence()
+    check = spawn(dict(base_spec, section="check", size=args.check_size))
     print(f"equivalence (official_compat, {check['size']}x{check['size']}): candidates identical, "
-          f"max |warp diff| {check['max_warp_diff']:.2e}, max rel. grad diff {check['max_rel_grad_diff']:.2e}")
-    print(f"torch {torch.__version__}, {THREADS} threads, nef {args.nef}, ours in {args.mode} mode, batch 1; "
+          f"max |warp diff| {check['max_warp_diff']:.2e}, max rel. grad diff {check['max_rel_grad_diff']:.2e}, "
+          f"GRU gets a gradient: {check['gru_grad']}")
+    print(f"torch {torch.__version__}, {args.threads} threads, nef {args.nef}, ours in {args.mode} mode, batch 1; "
           "CPU shared with other jobs: timings are noisy\n")
 
     rows = []
     for size in args.sizes:
-        repeats = args.repeats if size <= 256 else args.repeats_large
+        small = size <= 256
+        runs = {"warmup": args.warmup if small else args.warmup_large,
+                "repeats": args.repeats if small else args.repeats_large}
         for section in args.sections:
+            if section == "netcorr" and size not in args.netcorr_sizes:
+                continue
             row = {"section": section, "size": size}
             for impl in ("ours", "baseline"):
-                spec = dict(base_spec, section=section, impl=impl, size=size, repeats=repeats)
+                spec = dict(base_spec, section=section, impl=impl, size=size, **runs)
                 row[impl] = spawn(spec)
-                print(f"  {section} {size} {impl}: {row[impl]['time_s']:.2f} s "
+                print(f"  {section} {size} {impl}: {row[impl]['time_s']:.2f} s wall, {row[impl]['cpu_s']:.2f} s CPU "
                       f"(runs {', '.join(f'{t:.2f}' for t in row[impl]['times_s'])}), "
-                      f"peak {fmt_mib(row[impl]['peak_mib'])}", flush=True)
+                      f"peak {fmt_mib(row[impl]['peak_mib'])}, load {row[impl]['load']:.1f}", flush=True)
             rows.append(row)
     print()
     print_table(rows)
 
-    measured = {feat: spawn(dict(base_spec, section="attention", impl="ours", size=feat, repeats=1))
+    measured = {feat: spawn(dict(base_spec, section="attention", impl="ours", size=feat))
                 for feat in args.attention_measure}
     print_attention(measured, args.nef)
 

@@ -198,15 +198,19 @@ class PatchMatchGRU(nn.Module):
         """left: (B, C, h, w) input features, right: (B, C, h, w) exemplar features,
         exemplar: (B, 3, h, w) image to warp, offsets: (B, 2, K, h, w) initial candidates."""
         b, c, h, w = left.shape
-        hidden = self.initial_layer(torch.cat([left, right], dim=1))
-        left_rows = left.flatten(2).transpose(1, 2)
-        right_rows = right.flatten(2).transpose(1, 2)
+        # Rows must be contiguous: every candidate gather and dot product walks them.
+        left_rows = left.flatten(2).transpose(1, 2).contiguous()
+        right_rows = right.flatten(2).transpose(1, 2).contiguous()
         offsets = offsets.detach()
-        for it in range(self.iters):
-            horizontal_first = random.random() < 0.5 if self.official_compat else it % 2 == 0
-            offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first)
-            hidden, delta = self.refine_net(hidden, corr, offsets.flatten(1, 2))
-            offsets = offsets + delta.view_as(offsets)
+        # With integer candidates (official) nothing downstream depends on the GRU differentiably,
+        # so recording its graph would only hold every iteration's activations in memory.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.official_compat):
+            hidden = self.initial_layer(torch.cat([left, right], dim=1))
+            for it in range(self.iters):
+                horizontal_first = random.random() < 0.5 if self.official_compat else it % 2 == 0
+                offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first)
+                hidden, delta = self.refine_net(hidden, corr, offsets.flatten(1, 2))
+                offsets = offsets + delta.view_as(offsets)
         positions = offsets_to_positions(offsets)
         image_rows = exemplar.flatten(2).transpose(1, 2)
         if self.official_compat:
