@@ -35,8 +35,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         h, w = self.image_size
-        if h % 32 or w % 32 or h <= 0 or w <= 0:
-            raise ValueError(f"image_size must be positive multiples of 32, got {self.image_size}")
+        if h % 32 or w % 32 or h < 64 or w < 64:
+            # The generator starts at H/32, where SPADE's reflection padding needs at least 2 pixels.
+            raise ValueError(f"image_size must be multiples of 32 and at least 64, got {self.image_size}")
         if self.correspondence not in ("patchmatch", "global"):
             raise ValueError(f"correspondence must be 'patchmatch' or 'global', got {self.correspondence!r}")
         if self.label_nc < 1:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Spinning OpenMP threads starve each other (and Ray workers) on a small shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +32,36 @@ def official_v2_dir() -> Path:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+# ---------------------------------------------------------------- training tests (tests/test_train_*.py)
+
+TRAIN_DATA = {"source": "synthetic", "task": "mask", "image_size": 64, "label_nc": 12, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    """Tiny synthetic shards for training: 24 images at 64x64, 12 classes, one pseudo variant each,
+    4 samples per shard (train: 5 shards, val: 4)."""
+    from pipeline.data.config import AugmentConfig, ShardConfig
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import get_source
+
+    work = tmp_path_factory.mktemp("train_data")
+    source_cfg = {k: v for k, v in TRAIN_DATA.items() if k != "source"}
+    prepare_dataset(get_source("synthetic", **source_cfg, num_images=24), work / "prepared", progress=False)
+    cfg = ShardConfig(pseudo_per_image=1, samples_per_shard=4, min_shards_per_split=4, val_fraction=0.25,
+                      max_skipped_fraction=0.5, num_workers=1, augment=AugmentConfig())
+    write_shards(work / "prepared", work / "shards", cfg, seed=0, progress=False)
+    return work / "shards"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module. Other work may share this machine's cores, and OpenMP threads that
+    spin-wait for a busy core made a 2-thread forward pass ~30x slower than a 1-thread one here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

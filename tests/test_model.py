@@ -107,6 +107,8 @@ def test_generate_runs_the_generator_on_given_warps():
 def test_bad_shapes_and_configs_are_rejected():
     with pytest.raises(ValueError, match="multiples of 32"):
         ModelConfig(image_size=(100, 64))
+    with pytest.raises(ValueError, match="at least 64"):
+        ModelConfig(image_size=(32, 64))
     with pytest.raises(ValueError, match="correspondence"):
         ModelConfig(correspondence="dense")
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):

@@ -1,0 +1,168 @@
+"""MLflow tracking for the pipeline: runs, params, metrics, sample grids, the logged model, and loading it back.
+
+The training driver creates the run (params, tags); Ray's rank 0 logs into it during training
+(losses, throughput, grids, the final model); evaluation loads the model with `load_model`.
+
+    load_model("models")                       # the exported folder (DVC out)
+    load_model("models:/cocosnet@champion")    # a registered model
+    load_model("runs:/<run id>/model")         # a run's logged model
+
+Tracking URI: params `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, with the
+artifacts of new experiments in mlartifacts/ when the store is local.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Param
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
+
+from model import CoCosNet, ModelConfig
+from pipeline.train.config import MlflowConfig
+from pipeline.train.export import read_model_files, write_model_files
+
+PYFUNC_CODE = Path(__file__).resolve().parent / "train" / "pyfunc_model.py"
+MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"
+MODEL_NAME = "model"  # name of the logged model inside a run: runs:/<id>/model
+SAMPLES_KEY = "samples"  # sample grids: images/samples+step+<n>+...png
+
+
+# ---------------------------------------------------------------- URIs, experiments and runs
+
+
+def absolute_tracking_uri(uri: str, base: str | Path = ".") -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db (Ray workers run in another working folder)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str((Path(base) / uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("file:"):
+        return Path(base, uri[len("file:"):].removeprefix("//")).resolve().as_uri()
+    if "://" not in uri and uri.startswith(("/", ".")):  # a bare folder (but not e.g. "databricks")
+        return Path(base, uri).resolve().as_uri()
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:"))
+
+
+def tracking_uri(cfg: MlflowConfig, base: str | Path = ".") -> str:
+    return absolute_tracking_uri(cfg.resolved_uri, base)
+
+
+def ensure_experiment(uri: str, cfg: MlflowConfig, base: str | Path = ".") -> str:
+    """-> the experiment id, creating it (artifacts in cfg.artifact_location for local stores)."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if is_local_store(uri):
+        location = (Path(base) / cfg.artifact_location / cfg.experiment).resolve().as_uri()
+    return client.create_experiment(cfg.experiment, artifact_location=location)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": "0.0001"} (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten_params(value, f"{name}.")
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def manifest_sha256(shard_dir: str | Path) -> str:
+    """sha256 of the shards' manifest.json: it lists every shard with its own sha256."""
+    return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def create_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str, Any],
+               tags: Mapping[str, str]) -> str:
+    """A new run with params.yaml flattened into params; -> run id."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    items = [Param(k, v) for k, v in flatten_params(params).items()]
+    for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    mlflow.MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+
+
+# ---------------------------------------------------------------- rank 0, inside training
+
+
+def resume_run(uri: str, run_id: str, system_metrics: bool) -> mlflow.ActiveRun:
+    """Make the driver's run the active run of this process (rank 0 of every attempt, retries included)."""
+    mlflow.set_tracking_uri(uri)
+    return mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+
+
+def end_active_run() -> None:
+    mlflow.end_run()
+
+
+def log_metrics(metrics: Mapping[str, float], step: int) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_grid(grid: np.ndarray, step: int) -> None:
+    mlflow.log_image(grid, key=SAMPLES_KEY, step=step, synchronous=True)
+
+
+def model_signature(cfg: ModelConfig) -> ModelSignature:
+    h, w = cfg.image_size
+    f32 = np.dtype(np.float32)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, cfg.label_nc, h, w), "input_map"),
+                       TensorSpec(f32, (-1, 3, h, w), "exemplar"),
+                       TensorSpec(f32, (-1, cfg.label_nc, h, w), "exemplar_map")]),
+        outputs=Schema([TensorSpec(f32, (-1, 3, h, w), "image")]))
+
+
+def log_model(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
+    """Log the generator as a pyfunc "model from code" in the active run; -> its model URI.
+
+    Artifacts are model_config.json and state_dict.pt; the `model` package travels as code, so the logged
+    model loads anywhere with torch and mlflow, without this repository and without unpickling.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file in worker logs
+    with tempfile.TemporaryDirectory() as tmp:
+        write_model_files(Path(tmp), state_dict, cfg)
+        with warnings.catch_warnings(record=True):  # advice to add an input example: the signature describes the inputs
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=str(PYFUNC_CODE), code_paths=[str(MODEL_PACKAGE)],
+                artifacts={"model_config": str(Path(tmp) / "model_config.json"),
+                           "state_dict": str(Path(tmp) / "state_dict.pt")},
+                signature=model_signature(cfg),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                                  f"numpy=={np.__version__}"])
+    return info.model_uri
+
+
+# ---------------------------------------------------------------- loading a trained model
+
+
+def load_model(ref: str | Path, device: torch.device | str = "cpu") -> CoCosNet:
+    """CoCosNet in eval mode from an exported folder (models/) or an MLflow model URI
+    (models:/name@alias, models:/name/version, runs:/<id>/model, models:/m-<id>)."""
+    if Path(ref).is_dir():
+        return read_model_files(ref, device)
+    ref = str(ref)
+    if ":/" not in ref:
+        raise FileNotFoundError(f"{ref}: neither a model folder nor an MLflow model URI")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+    return read_model_files(local / "artifacts", device)

@@ -1,0 +1,155 @@
+"""Typed training configuration, read from the `model:`, `train:` and `mlflow:` sections of params.yaml.
+
+    train_cfg, model_cfg, loss_weights = configs_from_params(load_params("params.yaml"))
+
+Every section refuses unknown keys (a typo must fail, not silently fall back to a default), and the
+model's image size and input channels must agree with the data the shards were written from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from model import ModelConfig
+from model.losses import LossWeights
+from pipeline.data.config import as_size
+
+Amp = Literal["none", "bf16", "fp16"]
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def _from_mapping(cls, values: Mapping[str, Any], where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"params.yaml {where}: unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: schedule, optimisation, data, Ray scaling, checkpoints and logging."""
+
+    # --- schedule and optimisation (official CoCosNet-v2 defaults where they exist)
+    steps: int = 60  # optimisation steps; each is one generator step then one discriminator step
+    batch_size: int = 4  # per worker; the global batch is batch_size x workers
+    lr: float = 2e-4  # base rate; TTUR trains G at lr/2 and D at lr*2 (official deepfashionHD: 1e-4)
+    ttur: bool = True  # False: both at lr with Adam betas (0.5, 0.999), the official --no_TTUR
+    g_adam_eps: float = 1e-3  # the official generator/correspondence Adam uses eps 1e-3
+    amp: Amp = "none"  # bf16 / fp16 autocast on CUDA; ignored (with a log line) on CPU
+    seed: int = 0
+    real_exemplar_prob: float = 0.2  # share of real exemplars; the rest are pseudo pairs (x_B distorted)
+    vgg_weights: str = "random"  # path to vgg19_conv.pth / torchvision VGG19, "imagenet", or "random"
+    loss: Mapping[str, float] = field(default_factory=dict)  # overrides of model.losses.LossWeights
+
+    # --- data
+    loader_workers: int = 0  # DataLoader processes per Ray worker (each rank reads its own shards)
+
+    # --- Ray Train
+    ray_address: str = "local"  # "local": start a small Ray here; anything else: join that cluster
+    workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: int = 2  # also the torch threads of each worker
+    gpus_per_worker: float = 1.0  # used when use_gpu
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    storage_path: str = "checkpoints"  # Ray run folders; on a cluster a shared path or s3://, gs://
+    run_name: str | None = None  # Ray run folder name; default <experiment>-<MLflow run id prefix>
+    checkpoint_every: int = 30  # steps between checkpoints (and Ray reports)
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker-group restarts, each from the last checkpoint
+    resume_from: str | None = None  # a checkpoint folder, or a Ray run folder (its latest checkpoint)
+    find_unused_parameters: bool = False  # DDP; only needed when a loss weight switches a branch off
+    drill_fail_at_step: int | None = None  # fault drill: rank 0 raises here once (not after a restore)
+
+    # --- logging
+    log_every: int = 10  # steps between loss / throughput logs (MLflow and console)
+    image_every: int = 20  # steps between sample grids
+    grid_samples: int = 4  # rows of a sample grid
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss", dict(self.loss or {}))
+        LossWeights.from_dict(self.loss)  # unknown or negative weights fail here, not in a worker
+        positive = ("steps", "batch_size", "workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
+                    "log_every", "image_every", "grid_samples")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"params.yaml train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.g_adam_eps > 0:
+            raise ValueError(f"params.yaml train.lr and train.g_adam_eps must be > 0, got {self.lr}, {self.g_adam_eps}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"params.yaml train.amp must be none, bf16 or fp16, got {self.amp!r}")
+        if not 0.0 <= self.real_exemplar_prob <= 1.0:
+            raise ValueError(f"params.yaml train.real_exemplar_prob must be in [0, 1], got {self.real_exemplar_prob}")
+        if self.loader_workers < 0 or self.max_failures < -1:
+            raise ValueError("params.yaml train.loader_workers must be >= 0 and train.max_failures >= -1 (-1: forever)")
+        if self.use_gpu and not self.gpus_per_worker > 0:
+            raise ValueError(f"params.yaml train.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"params.yaml train.placement_strategy: unknown {self.placement_strategy!r}")
+
+    @property
+    def loss_weights(self) -> LossWeights:
+        return LossWeights.from_dict(self.loss)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"loss": dict(self.loss)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        return _from_mapping(cls, dict(values), "train")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Where runs are tracked. The URI comes from params, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+
+    tracking_uri: str | None = None
+    experiment: str = "cocosnet"
+    artifact_location: str = "mlartifacts"  # for new experiments on a local (sqlite/file) store
+    system_metrics: bool = False  # CPU/memory/GPU sampled by MLflow every 10 s
+    log_model: bool = True  # log the final model as a pyfunc (config + state dict, no pickle)
+
+    @property
+    def resolved_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MlflowConfig":
+        return _from_mapping(cls, dict(values), "mlflow")
+
+
+def model_config_from_params(model: Mapping[str, Any], data: Mapping[str, Any]) -> ModelConfig:
+    """`model:` section -> ModelConfig. image_size and label_nc default to data's and must agree with it."""
+    model = dict(model)
+    data_size = as_size(data.get("image_size", 64))
+    data_label_nc = int(data.get("label_nc", 12))
+    if "image_size" in model and as_size(model["image_size"]) != data_size:
+        raise ValueError(f"params.yaml model.image_size {model['image_size']} does not match data.image_size "
+                         f"{data.get('image_size')}: the model trains on the shards' images (remove model.image_size "
+                         f"to inherit it)")
+    if "label_nc" in model and int(model["label_nc"]) != data_label_nc:
+        raise ValueError(f"params.yaml model.label_nc {model['label_nc']} does not match data.label_nc "
+                         f"{data_label_nc}: x_A has data.label_nc channels (remove model.label_nc to inherit it)")
+    model["image_size"], model["label_nc"] = list(data_size), data_label_nc
+    try:
+        return ModelConfig.from_dict(model)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"params.yaml model: {err}") from err
+
+
+def configs_from_params(params: Mapping[str, Any]) -> tuple[TrainConfig, ModelConfig, MlflowConfig]:
+    """The three typed configs of a training run from a params.yaml dict."""
+    def section(name: str) -> dict:
+        value = params.get(name) or {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"params.yaml {name}: must be a mapping, got {type(value).__name__}")
+        return dict(value)
+
+    return (TrainConfig.from_dict(section("train")), model_config_from_params(section("model"), section("data")),
+            MlflowConfig.from_dict(section("mlflow")))

@@ -1,0 +1,69 @@
+"""The exported model: a folder with the generator's state dict and its ModelConfig, no pickled code.
+
+    models/state_dict.pt      CoCosNet state dict (torch.save of tensors; load with weights_only=True)
+    models/model_config.json  ModelConfig.to_dict()
+    models/run.json           where it came from: MLflow run and model URI, checkpoint, step
+
+The same two files are the artifacts of the MLflow pyfunc model (pipeline/train/pyfunc_model.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from model import CoCosNet, ModelConfig
+from pipeline.train.checkpoint import load_state
+
+STATE_DICT_FILE, MODEL_CONFIG_FILE, RUN_FILE = "state_dict.pt", "model_config.json", "run.json"
+
+
+def write_model_files(folder: Path, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(state_dict), folder / STATE_DICT_FILE)
+    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+
+
+def export_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                 run_info: Mapping[str, Any]) -> Path:
+    """Write out_dir atomically: a sibling temp folder is filled, then swapped in (readers never see half)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary output folder
+    try:
+        write_model_files(tmp, state_dict, cfg)
+        (tmp / RUN_FILE).write_text(json.dumps(dict(run_info), indent=1, sort_keys=True))
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: ModelConfig,
+                      run_info: Mapping[str, Any]) -> Path:
+    """The generator of a training checkpoint -> an exported model folder."""
+    state = load_state(checkpoint_dir)
+    return export_model(out_dir, state["net"], cfg, {**run_info, "step": int(state["step"])})
+
+
+def read_model_files(folder: str | Path, device: torch.device | str = "cpu") -> CoCosNet:
+    """An exported model folder (or the artifacts of a logged pyfunc model) -> CoCosNet in eval mode."""
+    folder = Path(folder)
+    for name in (STATE_DICT_FILE, MODEL_CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: not an exported CoCosNet model (missing {name})")
+    cfg = ModelConfig.from_dict(json.loads((folder / MODEL_CONFIG_FILE).read_text()))
+    net = CoCosNet(cfg)
+    net.load_state_dict(torch.load(folder / STATE_DICT_FILE, map_location="cpu", weights_only=True))
+    return net.to(device).eval()

@@ -1,0 +1,258 @@
+"""The driver of a training run: MLflow run, Ray cluster, TorchTrainer, export of the final model.
+
+    result = run_training(load_params("params.yaml"))     # what `python -m stages.train` does
+
+`train.ray_address: local` starts a small Ray inside this process sized for the machine; any other value
+(an address such as `ray://head:10001` or `auto`) joins that cluster and ships the `model` and `pipeline`
+packages to it. An already initialised Ray (tests, notebooks) is used as it is.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+import model as model_package
+import pipeline as pipeline_package
+from pipeline import tracking
+from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
+from pipeline.data.loader import read_manifest
+from pipeline.train.checkpoint import find_checkpoint
+from pipeline.train.config import TrainConfig, configs_from_params
+from pipeline.train.export import export_checkpoint
+from pipeline.train.loop import train_loop
+
+REPO_ROOT = Path(pipeline_package.__file__).resolve().parents[1]
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # Ray's default would take 30% of RAM; checkpoints go to disk
+
+
+class TrainingError(RuntimeError):
+    """Training failed after its retries; the message names the cause and the last good checkpoint."""
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    tracking_uri: str
+    run_dir: str  # Ray run folder: pass it as train.resume_from to continue this run
+    checkpoint: str  # the final checkpoint
+    model_dir: Path | None  # the exported model (None when not exported)
+    model_uri: str | None  # the logged MLflow model
+    metrics: dict[str, Any]  # the last report: losses over the last interval, agreement across ranks
+    reports: list[dict[str, Any]]  # the reports of the kept checkpoints, oldest first
+    wall_s: float
+
+
+def say(message: str) -> None:
+    print(f"[train] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def runtime_env(local: bool) -> dict[str, Any]:
+    """Local workers import this checkout; a cluster's workers get the driver's `model` and `pipeline`
+    packages shipped with the job (the dependencies must be installed on its nodes)."""
+    env: dict[str, Any] = {"worker_process_setup_hook": "pipeline.train.raylogs.quiet"}
+    if local:
+        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        # OpenMP threads that spin while waiting make a shared machine crawl: with another busy process on a
+        # 2-core box, a 2-thread forward pass took 18 s spinning and 0.6 s with passive waiting.
+        env["env_vars"] = {"PYTHONPATH": python_path, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    else:
+        env["py_modules"] = [str(Path(model_package.__file__).parent), str(Path(pipeline_package.__file__).parent)]
+    return env
+
+
+def local_ray_options(num_cpus: int | None = None, log_to_driver: bool = True) -> dict[str, Any]:
+    """ray.init arguments for a small, quiet Ray on this machine (also used by the tests and benchmarks)."""
+    return {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False,
+            "object_store_memory": LOCAL_OBJECT_STORE_BYTES, "logging_level": logging.ERROR,
+            "log_to_driver": log_to_driver, "runtime_env": runtime_env(local=True)}
+
+
+def connect_ray(cfg: TrainConfig) -> bool:
+    """Start or join Ray; -> True when this call started it (and should shut it down).
+    An already initialised Ray (tests, notebooks) is used as it is."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.ray_address == "local":
+        ray.init(**local_ray_options())
+    else:
+        ray.init(address=cfg.ray_address, logging_level=logging.ERROR, runtime_env=runtime_env(local=False))
+    return True
+
+
+def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                                   placement_strategy=cfg.placement_strategy)
+
+
+def storage_path(cfg: TrainConfig, base: Path) -> str:
+    """Absolute local folder, or a URI (s3://, gs://, ...) as given."""
+    if "://" in cfg.storage_path:
+        return cfg.storage_path
+    return str((base / cfg.storage_path).resolve())
+
+
+# ---------------------------------------------------------------- failures
+
+
+def describe_failure(err: Exception, run_dir: str) -> str:
+    """The root cause of a failed fit, with the last good checkpoint to resume from."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
+    cause = next((line for line in lines if "NonFiniteLossError" in line), lines[-1])
+    try:
+        last = f"last good checkpoint: {find_checkpoint(run_dir)} (set train.resume_from to continue)"
+    except (FileNotFoundError, ValueError):
+        last = "no checkpoint was written"
+    return f"training failed: {cause}\n{last}"
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_curves(uri: str, run_id: str, csv_path: Path, png_path: Path | None) -> None:
+    """Loss curves from the run's metric history -> a CSV for `dvc plots` and a PNG beside it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(("g/", "d/")) or k == "samples_per_s")
+    rows: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for point in client.get_metric_history(run_id, key):
+            rows.setdefault(point.step, {"step": point.step})[key.replace("/", "_")] = point.value
+    columns = ["step", *[k.replace("/", "_") for k in keys]]
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows[step] for step in sorted(rows))
+    os.replace(tmp, csv_path)
+    if png_path is not None and rows:
+        write_curves_png([rows[s] for s in sorted(rows)], png_path)
+
+
+def write_curves_png(rows: list[dict[str, float]], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (g_ax, d_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in rows]
+    for key in rows[-1]:
+        if key.startswith(("g_", "d_")):
+            ax = g_ax if key.startswith("g_") else d_ax
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key, lw=2 if key.endswith("total") else 1)
+    for ax, title in ((g_ax, "generator"), (d_ax, "discriminator")):
+        ax.set(title=f"{title} losses", xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_training(params: Mapping[str, Any], *, shards: str | Path = "data/shards",
+                 models_dir: str | Path | None = "models", metrics_path: str | Path | None = None,
+                 curves_path: str | Path | None = None, base: str | Path = ".") -> TrainingResult:
+    """Train with the `model:`, `train:` and `mlflow:` sections of params; export the final model to models_dir.
+
+    Relative paths (shards, storage, sqlite tracking URI, artifacts) are resolved against `base`.
+    """
+    base = Path(base).resolve()
+    train_cfg, model_cfg, mlflow_cfg = configs_from_params(params)
+    if train_cfg.vgg_weights not in ("random", "imagenet"):  # workers run in their own folder: absolute path
+        train_cfg = dataclasses.replace(train_cfg, vgg_weights=str((base / train_cfg.vgg_weights).resolve()))
+    shard_dir = (base / shards).resolve()
+    manifest, _ = read_manifest(shard_dir)
+    if manifest["label_nc"] != model_cfg.label_nc:
+        raise ValueError(f"{shard_dir}: shards have label_nc {manifest['label_nc']}, the model {model_cfg.label_nc}")
+    if train_cfg.vgg_weights == "random":
+        say("WARNING: train.vgg_weights=random: VGG19 has RANDOM weights, so the perceptual, feature-matching "
+            "and contextual losses do not measure image quality. Use a vgg19_conv.pth path or 'imagenet'.")
+
+    uri = tracking.tracking_uri(mlflow_cfg, base)
+    experiment_id = tracking.ensure_experiment(uri, mlflow_cfg, base)
+    # A fresh folder per run: Ray would continue a run whose folder already exists (so a fixed
+    # train.run_name re-run continues that run from its latest checkpoint).
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    run_name = train_cfg.run_name or f"{mlflow_cfg.experiment}-{stamp}"
+    storage = storage_path(train_cfg, base)
+    resume_from = train_cfg.resume_from
+    if resume_from and "://" not in resume_from:
+        resume_from = str((base / resume_from).resolve())
+    tags = {"vgg_weights": train_cfg.vgg_weights, "shards.manifest_sha256": tracking.manifest_sha256(shard_dir),
+            "shards.path": str(shard_dir), "ray.run_dir": f"{storage}/{run_name}", "workers": str(train_cfg.workers)}
+    if resume_from:
+        tags["resumed_from"] = resume_from
+    # params.yaml as given, with the training sections resolved: defaults are recorded too.
+    resolved = {**params, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+                "mlflow": dataclasses.asdict(mlflow_cfg) | {"tracking_uri": uri}}
+    run_id = tracking.create_run(uri, experiment_id, run_name, resolved, tags)
+    say(f"MLflow run {run_id} ({run_name}) at {uri}; checkpoints in {storage}/{run_name}")
+
+    config = {"train": train_cfg.to_dict(), "model": model_cfg.to_dict(), "shards": str(shard_dir),
+              "resume_from": resume_from,
+              "mlflow": {"tracking_uri": uri, "run_id": run_id, "system_metrics": mlflow_cfg.system_metrics,
+                         "log_model": mlflow_cfg.log_model}}
+    started_ray = connect_ray(train_cfg)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config, scaling_config=scaling_config(train_cfg),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures)))
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        tracking.end_run(uri, run_id, "KILLED")
+        raise
+    except Exception as err:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise TrainingError(describe_failure(err, f"{storage}/{run_name}")) from err
+    finally:
+        if started_ray:
+            ray.shutdown()
+    wall = time.perf_counter() - start
+
+    model_uri = (result.return_value or {}).get("model_uri")
+    with result.checkpoint.as_directory() as folder:
+        run_info = {"mlflow_run_id": run_id, "tracking_uri": uri, "model_uri": model_uri,
+                    "checkpoint": result.checkpoint.path, "ray_run_dir": f"{storage}/{run_name}"}
+        model_dir = export_checkpoint(folder, base / models_dir, model_cfg, run_info) if models_dir else None
+    tracking.end_run(uri, run_id, "FINISHED")
+    metrics = dict(result.metrics or {})
+    if metrics_path:
+        atomic_write_json(base / metrics_path,
+                          {**metrics, "wall_s": round(wall, 1), "global_batch": train_cfg.global_batch})
+    if curves_path:
+        curves = base / curves_path
+        write_curves(uri, run_id, curves, curves.with_suffix(".png"))
+    say(f"done in {wall:.0f}s: step {metrics.get('step')}, model {model_dir or '-'}, MLflow model {model_uri or '-'}")
+    return TrainingResult(run_id=run_id, tracking_uri=uri, run_dir=f"{storage}/{run_name}",
+                          checkpoint=result.checkpoint.path, model_dir=model_dir, model_uri=model_uri,
+                          metrics=metrics, reports=[dict(m) for _, m in result.best_checkpoints or []], wall_s=wall)

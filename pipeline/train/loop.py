@@ -1,0 +1,278 @@
+"""train_loop: the function every Ray Train worker runs (with one worker it is a single training process).
+
+    config = {"train": TrainConfig dict, "model": ModelConfig dict, "shards": absolute path,
+              "resume_from": absolute checkpoint or run folder, or None,
+              "mlflow": {"tracking_uri", "run_id", "system_metrics", "log_model"} or None (no tracking)}
+
+Per step: the next full batch of this rank's shards, one generator step and one discriminator step
+(pipeline.train.step). Every `checkpoint_every` steps, and at the end, every rank calls ray.train.report
+with its part of the checkpoint (rank 0: networks, optimizers, scalers; every rank: its RNG states and
+data position), so a restarted worker group resumes exactly where the checkpoint was taken.
+Rank 0 alone talks to MLflow.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from model import ModelConfig
+from model.vgg import VGG19, load_vgg19
+from pipeline import tracking
+from pipeline.data.errors import DataError
+from pipeline.data.loader import ShardLoader, make_loader
+from pipeline.data.schema import stable_hash
+from pipeline.train.checkpoint import (DataPosition, find_checkpoint, restore_rank_state, restore_training_state,
+                                       save_rank_state, save_training_state)
+from pipeline.train.config import TrainConfig
+from pipeline.train.grid import sample_grid
+from pipeline.train.step import NonFiniteLossError, TrainParts, build_parts, to_device, train_step, unwrap
+
+
+def say(message: str) -> None:
+    # Not print(): Ray Train patches print in workers to log *and* echo, which shows every line twice.
+    sys.stdout.write(f"[train] {message}\n")
+    sys.stdout.flush()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_vgg(weights: str, seed: int, loud: bool) -> VGG19:
+    """VGG19 for the losses; random weights are announced loudly (the perceptual terms then mean little)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vgg = load_vgg19(weights, seed=seed)
+    for warning in caught:
+        if loud:
+            say(f"WARNING {'!' * 20} {warning.message} {'!' * 20}")
+    return vgg
+
+
+# ---------------------------------------------------------------- data
+
+
+def batch_stream(loader: ShardLoader, position: DataPosition, batch_size: int) -> Iterator[dict]:
+    """Full batches of this rank's shards, epoch after epoch, from `position` on; advances `position`.
+
+    Each rank reads its own shards of an epoch (finite loader), so ranks never share a sample within an
+    epoch; they may finish epochs at different steps, which DDP does not mind. Partial batches are
+    dropped to keep shapes fixed. On resume the consumed batches of the epoch are read and skipped.
+    """
+    while True:
+        loader.set_epoch(position.epoch)
+        full = 0
+        for batch in loader:
+            if len(batch["key"]) < batch_size:
+                continue
+            full += 1
+            if full <= position.batches:
+                continue
+            position.batches = full
+            yield batch
+        if full == 0:
+            raise DataError(f"rank {loader.rank}: epoch {position.epoch} of its shards holds no full batch of "
+                            f"{batch_size} samples; use fewer workers, a smaller batch or more samples")
+        position.epoch, position.batches = position.epoch + 1, 0
+
+
+def next_batch(stream: Iterator[dict]) -> dict:
+    # A DataLoader draws a seed from the global torch RNG whenever an epoch starts. Isolating it keeps the
+    # training RNG stream independent of where epochs begin, so a resumed run replays the same stream.
+    with torch.random.fork_rng(devices=[]):
+        return next(stream)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Window:
+    """Running sums of the loss terms since the last take(), and the time they took."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, losses: dict[str, float]) -> None:
+        for name, value in losses.items():
+            self.sums[name] += value
+        self.steps += 1
+
+    def take(self, samples_per_step: int) -> dict[str, float]:
+        """Mean of each term and samples/s over the window; starts the next window."""
+        elapsed = time.perf_counter() - self.start
+        metrics = {name: total / self.steps for name, total in self.sums.items()}
+        metrics["samples_per_s"] = self.steps * samples_per_step / elapsed
+        self.sums, self.steps, self.start = defaultdict(float), 0, time.perf_counter()
+        return metrics
+
+
+# ---------------------------------------------------------------- agreement across ranks
+
+
+def parameter_fingerprint(parts: TrainParts) -> torch.Tensor:
+    """(2 * tensors,) float64 sums and absolute sums of every parameter and buffer of G and D."""
+    values = []
+    for module in (unwrap(parts.net), unwrap(parts.discriminator)):
+        for tensor in [*module.parameters(), *module.buffers()]:
+            t = tensor.detach().double()
+            values += [t.sum(), t.abs().sum()]
+    return torch.stack(values)
+
+
+def rank_agreement(parts: TrainParts, keys_seen: set[tuple[int, str]], world_size: int) -> dict[str, float]:
+    """Collective (all ranks call it): are the ranks' weights bitwise equal, on how many nodes do they
+    run, and how many samples did two ranks read in the same epoch (must be 0)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if world_size == 1 or not dist.is_initialized():
+        return {"ranks_in_sync": 1.0, "nodes": 1.0, "data_overlap": 0.0, "data_samples": float(len(keys_seen))}
+    mine = parameter_fingerprint(parts)
+    everyone = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine)
+    seen: list[Any] = [None] * world_size
+    dist.all_gather_object(seen, (node_id, sorted(keys_seen)))
+    readers: dict[tuple[int, str], int] = defaultdict(int)
+    for _, keys in seen:
+        for key in keys:
+            readers[tuple(key)] += 1
+    return {"ranks_in_sync": float(all(torch.equal(f, everyone[0]) for f in everyone)),
+            "nodes": float(len({node for node, _ in seen})),
+            "data_overlap": float(sum(1 for n in readers.values() if n > 1)),
+            "data_samples": float(sum(len(keys) for _, keys in seen))}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def report(parts: TrainParts, step: int, position: DataPosition, rank: int, metrics: dict[str, float],
+           meta: dict[str, Any], name: str) -> None:
+    """Every rank: ray.train.report with its part of checkpoint `name` (Ray merges the folders in storage)."""
+    with tempfile.TemporaryDirectory(prefix="cocosnet-ckpt-") as tmp:
+        folder = Path(tmp)
+        save_rank_state(folder, rank, position)
+        if rank == 0:
+            save_training_state(folder, parts, step, meta)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
+def restore(parts: TrainParts, config: dict[str, Any], rank: int) -> tuple[int, DataPosition | None, str]:
+    """-> (step to continue after, this rank's data position or None, where it came from). Ray's own
+    checkpoint (a restarted worker group) wins over train.resume_from (a new run continuing an old one)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            step = restore_training_state(Path(folder), parts)
+            return step, restore_rank_state(Path(folder), rank), f"Ray checkpoint {checkpoint.path}"
+    if config.get("resume_from"):
+        folder = find_checkpoint(config["resume_from"])
+        step = restore_training_state(folder, parts)
+        return step, restore_rank_state(folder, rank), f"train.resume_from {folder}"
+    return 0, DataPosition(), ""
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = TrainConfig.from_dict(config["train"])
+    model_cfg = ModelConfig.from_dict(config["model"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.cpus_per_worker)
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    vgg = load_vgg(cfg.vgg_weights, cfg.seed, loud=rank == 0)
+    ddp_options = {"find_unused_parameters": cfg.find_unused_parameters}
+    parts = build_parts(model_cfg, cfg.loss_weights, vgg, lr=cfg.lr, ttur=cfg.ttur, g_adam_eps=cfg.g_adam_eps,
+                        amp=cfg.amp, device=device,
+                        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False,
+                                                                     parallel_strategy_kwargs=ddp_options))
+    seed_everything(stable_hash(cfg.seed, "train", rank) % 2**63)  # each rank its own stream from here
+    if cfg.amp != "none" and parts.amp_dtype is None and rank == 0:
+        say(f"train.amp={cfg.amp} needs CUDA; training on {device.type} in full precision")
+
+    loader = make_loader(config["shards"], batch_size=cfg.batch_size, split="train",
+                         image_size=model_cfg.image_size, label_nc=model_cfg.label_nc,
+                         real_exemplar_prob=cfg.real_exemplar_prob, num_workers=cfg.loader_workers,
+                         seed=cfg.seed, rank=rank, world_size=world_size,
+                         device=None if device.type == "cpu" else device)  # expand compact batches on the GPU
+    start_step, position, source = restore(parts, config, rank)
+    if source and position is None:
+        position = DataPosition(epoch=start_step // max(1, len(loader)))  # checkpoint had fewer ranks
+        say(f"rank {rank}: no data position in the checkpoint; continuing at epoch {position.epoch}")
+    if source and rank == 0:
+        say(f"resumed after step {start_step} from {source}")
+    stream = batch_stream(loader, position, cfg.batch_size)
+
+    mlflow_cfg = config.get("mlflow") or {}
+    run = None
+    if rank == 0 and mlflow_cfg.get("run_id"):
+        run = tracking.resume_run(mlflow_cfg["tracking_uri"], mlflow_cfg["run_id"], mlflow_cfg["system_metrics"])
+    meta = {"world_size": world_size, "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
+            "mlflow_run_id": mlflow_cfg.get("run_id")}
+    if rank == 0:
+        say(f"{world_size} worker(s) on {device}, {cfg.batch_size} samples each; steps {start_step + 1}..{cfg.steps}")
+
+    samples_per_step = cfg.batch_size * world_size
+    log_window, report_window, keys_seen = Window(), Window(), set()
+    reported, last_checkpoint = False, start_step
+    for step in range(start_step + 1, cfg.steps + 1):
+        if step == cfg.drill_fail_at_step and rank == 0 and not source:
+            raise RuntimeError(f"fault drill: train.drill_fail_at_step={step} (a restart resumes from step "
+                               f"{last_checkpoint})")
+        batch = to_device(raw := next_batch(stream), device)
+        keys_seen.update((position.epoch, key) for key in raw["key"])
+        try:
+            losses, out = train_step(parts, batch, step)
+        except NonFiniteLossError as err:
+            say(f"rank {rank}: {err}. Last good checkpoint: after step {last_checkpoint}")
+            raise
+        log_window.add(losses)
+        report_window.add(losses)
+
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            metrics = log_window.take(samples_per_step)
+            if run:
+                tracking.log_metrics(metrics, step)
+            eta = (cfg.steps - step) * samples_per_step / metrics["samples_per_s"]
+            say(f"step {step}/{cfg.steps} | G {metrics['g/total']:.3f} D {metrics.get('d/total', 0):.3f} | "
+                f"{metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s")
+        if rank == 0 and run and (step % cfg.image_every == 0 or step == cfg.steps):
+            tracking.log_grid(sample_grid(batch, out.image, out.warped, cfg.grid_samples), step)
+
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            metrics = report_window.take(samples_per_step) | rank_agreement(parts, keys_seen, world_size)
+            report(parts, step, position, rank, metrics | {"step": step, "world_size": world_size}, meta,
+                   name=f"checkpoint_{step:08d}")
+            report_window.start = time.perf_counter()  # its samples/s excludes checkpointing
+            keys_seen = set()
+            reported, last_checkpoint = True, step
+
+    if not reported:  # nothing left to train (resumed a finished run): still hand Ray a final checkpoint
+        report(parts, cfg.steps, position, rank, {"step": cfg.steps, "world_size": world_size}, meta,
+               name=f"checkpoint_{cfg.steps:08d}_{time.strftime('%Y%m%d-%H%M%S')}")  # a unique name: never reuse one
+
+    model_uri = None
+    if run:
+        if mlflow_cfg.get("log_model", True):
+            state = {k: v.detach().cpu() for k, v in unwrap(parts.net).state_dict().items()}
+            model_uri = tracking.log_model(state, model_cfg)
+            say(f"logged the model: {model_uri}")
+        tracking.end_active_run()
+    return {"model_uri": model_uri, "step": cfg.steps}

@@ -1,0 +1,146 @@
+"""One CoCosNet-v2 training step: the generator step (all its loss terms), then the discriminator step.
+
+The same function runs in a single process and in every DDP rank. Under DDP the generator (CoCosNet) and
+the discriminator are wrapped separately: the generator step calls the loss with the *unwrapped*
+discriminator (its parameters are frozen there, and a DDP forward without a backward would leave DDP's
+reducer waiting for gradients that never come), the discriminator step with the DDP-wrapped one.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from model import CoCosNet, CoCosNetOutput, ModelConfig
+from model.discriminator import MultiscaleDiscriminator
+from model.losses import CoCosNetLoss, LossWeights
+from model.vgg import VGG19
+
+TENSOR_KEYS = ("input_map", "image", "exemplar", "exemplar_map", "is_pseudo")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; no update was applied for this step."""
+
+    def __init__(self, term: str, value: float, step: int | None = None):
+        self.term, self.value, self.step = term, value, step
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(f"loss term {term!r} is {value}{where}; training stopped before applying this update "
+                         f"(the last checkpoint is the last good state)")
+
+
+@dataclass
+class TrainParts:
+    """Everything one step touches. `net` and `discriminator` may be DDP wrappers."""
+
+    net: nn.Module  # CoCosNet or DDP(CoCosNet)
+    discriminator: nn.Module  # MultiscaleDiscriminator or DDP(MultiscaleDiscriminator)
+    g_loss: CoCosNetLoss  # sees the unwrapped discriminator (generator step)
+    d_loss: CoCosNetLoss  # sees `discriminator` as given (discriminator step)
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full precision
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP (or DataParallel) wrapper."""
+    return getattr(module, "module", module)
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16/fp16 on CUDA only (CPU autocast is slower than fp32 for these convolutions)."""
+    if amp == "none" or device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def make_optimizers(net: nn.Module, discriminator: nn.Module, lr: float, ttur: bool,
+                    g_adam_eps: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for G and D. TTUR (the paper, official default): G at lr/2, D at lr*2, betas (0, 0.9)."""
+    if ttur:
+        betas, g_lr, d_lr = (0.0, 0.9), lr / 2, lr * 2
+    else:
+        betas, g_lr, d_lr = (0.5, 0.999), lr, lr
+    opt_g = torch.optim.Adam(net.parameters(), lr=g_lr, betas=betas, eps=g_adam_eps)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=d_lr, betas=betas)
+    return opt_g, opt_d
+
+
+def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr: float, ttur: bool,
+                g_adam_eps: float, amp: str, device: torch.device, wrap=lambda module: module) -> TrainParts:
+    """Networks, losses, optimizers and scalers on `device`. `wrap` turns a module into its DDP version
+    (ray.train.torch.prepare_model); the optimizers see the same parameters either way."""
+    net = CoCosNet(model_cfg).to(device).train()
+    discriminator = MultiscaleDiscriminator(model_cfg).to(device).train()
+    vgg = vgg.to(device)
+    wrapped_net, wrapped_d = wrap(net), wrap(discriminator)
+    opt_g, opt_d = make_optimizers(net, discriminator, lr, ttur, g_adam_eps)
+    amp_dtype = amp_dtype_for(amp, device)
+    # Loss scaling only for fp16 (bf16 has fp32's range). One scaler per optimizer: an overflow in one
+    # step must not skip or rescale the other network's update.
+    use_scaler = amp_dtype == torch.float16
+    return TrainParts(net=wrapped_net, discriminator=wrapped_d,
+                      g_loss=CoCosNetLoss(weights, vgg, discriminator), d_loss=CoCosNetLoss(weights, vgg, wrapped_d),
+                      opt_g=opt_g, opt_d=opt_d,
+                      scaler_g=torch.amp.GradScaler(device.type, enabled=use_scaler),
+                      scaler_d=torch.amp.GradScaler(device.type, enabled=use_scaler),
+                      device=device, amp_dtype=amp_dtype)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The model's tensors of a loader batch on `device` (keys, meta and flow stay behind)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in TENSOR_KEYS}
+
+
+def _autocast(parts: TrainParts):
+    if parts.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=parts.device.type, dtype=parts.amp_dtype)
+
+
+def _checked_values(terms: Mapping[str, torch.Tensor], prefix: str, step: int | None) -> dict[str, float]:
+    """Loss terms as floats (one device sync for all); NonFiniteLossError names the first bad term."""
+    names = [f"{prefix}/{name}" for name in terms] + [f"{prefix}/total"]
+    stacked = torch.stack([v.detach().float().reshape(()) for v in terms.values()] or [torch.zeros(())])
+    values = stacked.tolist()[: len(terms)]
+    values.append(sum(values))
+    for name, value in zip(names, values):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise NonFiniteLossError(name, value, step)
+    return dict(zip(names, values))
+
+
+def _update(total: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def train_step(parts: TrainParts, batch: Mapping[str, torch.Tensor],
+               step: int | None = None) -> tuple[dict[str, float], CoCosNetOutput]:
+    """G step then D step on one batch (tensors already on parts.device).
+
+    Pseudo pairs (batch["is_pseudo"]) carry the pixel-level terms (VGG feature matching, warp-to-target)
+    and real-exemplar pairs do not: the loss weights each sample by is_pseudo, as in the paper.
+    -> ({"g/<term>": float, ..., "g/total", "d/d_fake", "d/d_real", "d/total"}, generator output).
+    Raises NonFiniteLossError before any update when a term is NaN/Inf.
+    """
+    with _autocast(parts):
+        out = parts.net(batch["input_map"], batch["exemplar"], batch["exemplar_map"], target=batch["image"])
+        g_total, g_terms = parts.g_loss.generator_loss(batch, out)
+    losses = _checked_values(g_terms, "g", step)
+    _update(g_total, parts.opt_g, parts.scaler_g)
+
+    with _autocast(parts):
+        d_total, d_terms = parts.d_loss.discriminator_loss(batch, out.image.detach())
+    losses |= _checked_values(d_terms, "d", step)
+    if d_terms:  # no terms when the GAN weight is 0: nothing to train the discriminator on
+        _update(d_total, parts.opt_d, parts.scaler_d)
+    return losses, out

@@ -1,0 +1,201 @@
+"""Ray Train on one machine: a tracked run against a real `mlflow server`, a worker failure that resumes from
+the last checkpoint, and an interrupted run resumed with train.resume_from. All three end with exactly the
+weights of the uninterrupted reference run (CPU, one thread per worker: deterministic).
+
+One Ray for the module; four trainer fits (about 25 s of Ray overhead each here).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from pipeline.data.loader import make_loader
+from pipeline.tracking import load_model, manifest_sha256
+from pipeline.train.checkpoint import load_state
+from pipeline.train.launch import TrainingError, local_ray_options, run_training
+from tests.conftest import TRAIN_DATA
+from tests.test_train_step import TINY_MODEL
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+STEPS, CHECKPOINT_EVERY, LOG_EVERY, IMAGE_EVERY = 8, 3, 2, 4
+
+
+def params(tmp: Path, tracking_uri: str, **train) -> dict:
+    return {"data": dict(TRAIN_DATA), "model": dict(TINY_MODEL),
+            "train": {"steps": STEPS, "batch_size": 2, "real_exemplar_prob": 0.5, "checkpoint_every": CHECKPOINT_EVERY,
+                      "log_every": LOG_EVERY, "image_every": IMAGE_EVERY, "keep_checkpoints": 2, "loader_workers": 0,
+                      "cpus_per_worker": 1, "storage_path": str(tmp / "checkpoints"), **train},
+            "mlflow": {"tracking_uri": tracking_uri, "experiment": "test",
+                       "artifact_location": str(tmp / "mlartifacts")}}
+
+
+def sqlite_uri(tmp: Path) -> str:
+    return f"sqlite:///{tmp / 'mlflow.db'}"
+
+
+def final_state(result) -> dict:
+    return load_state(result.checkpoint)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == STEPS
+    for key in ("net", "discriminator"):
+        assert a[key].keys() == b[key].keys()
+        different = [k for k in a[key] if not torch.equal(a[key][k], b[key][k])]
+        assert not different, f"{key}: {len(different)} tensors differ, e.g. {different[:3]}"
+    for key in ("opt_g", "opt_d"):
+        for pid, state in a[key]["state"].items():
+            assert all(torch.equal(state[n], b[key]["state"][pid][n]) for n in state), f"{key} state {pid}"
+
+
+def logged_steps(uri: str, run_id: str, key: str = "g/total") -> list[int]:
+    import mlflow
+
+    return [m.step for m in sorted(mlflow.MlflowClient(uri).get_metric_history(run_id, key),
+                                   key=lambda m: (m.timestamp, m.step))]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(**local_ray_options(num_cpus=2, log_to_driver=False))
+    yield
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process on 127.0.0.1, one worker, started and stopped by this module."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    server = subprocess.Popen(
+        [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, mlflow_server, train_shards, tmp_path_factory):
+    """The uninterrupted run, tracked in the MLflow server."""
+    tmp = tmp_path_factory.mktemp("reference")
+    return run_training(params(tmp, mlflow_server, run_name="reference"), shards=train_shards,
+                        models_dir=tmp / "models", metrics_path=tmp / "metrics.json",
+                        curves_path=tmp / "reports" / "train_losses.csv", base=tmp)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_one_worker_run_is_fully_tracked_in_a_real_mlflow_server(reference, mlflow_server, train_shards):
+    import mlflow
+
+    result = reference
+    losses = {k: v for k, v in result.metrics.items() if k.startswith(("g/", "d/"))}
+    assert result.metrics["step"] == STEPS and len(losses) == 12 and all(math.isfinite(v) for v in losses.values())
+    checkpoints = sorted(p for p in Path(result.run_dir).glob("checkpoint_*") if p.is_dir())
+    assert [p.name for p in checkpoints] == ["checkpoint_00000006", "checkpoint_00000008"]  # keep_checkpoints: 2
+    assert all({"state.pt", "meta.json", "rank-0.pt"} <= {f.name for f in p.iterdir()} for p in checkpoints)
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == str(STEPS) and run.data.params["model.nef"] == "8"
+    assert run.data.params["data.image_size"] == "64" and run.data.params["train.vgg_weights"] == "random"
+    assert run.data.tags["vgg_weights"] == "random"
+    assert run.data.tags["shards.manifest_sha256"] == manifest_sha256(train_shards)
+    assert logged_steps(mlflow_server, result.run_id) == [2, 4, 6, 8]
+    assert logged_steps(mlflow_server, result.run_id, "samples_per_s") == [2, 4, 6, 8]
+    images = [f.path for f in client.list_artifacts(result.run_id, "images")]
+    assert any("samples+step+4+" in p and p.endswith(".png") for p in images)
+    assert any("samples+step+8+" in p and p.endswith(".png") for p in images)
+
+    # The logged model: a pyfunc from code + config + state dict, registrable and loadable without the repo's pickles.
+    batch = next(iter(make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0)))
+    inputs = {k: batch[k].numpy() for k in ("input_map", "exemplar", "exemplar_map")}
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        version = mlflow.register_model(result.model_uri, "cocosnet-test")
+        client.set_registered_model_alias("cocosnet-test", "champion", version.version)
+        predicted = mlflow.pyfunc.load_model("models:/cocosnet-test@champion").predict(inputs)
+        registered = load_model("models:/cocosnet-test@champion")
+        from_run = load_model(f"runs:/{result.run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(None)
+    exported = load_model(result.model_dir)
+    with torch.no_grad():
+        expected = exported(*(batch[k] for k in ("input_map", "exemplar", "exemplar_map"))).image.numpy()
+    assert predicted.shape == (2, 3, 64, 64) and np.isfinite(predicted).all()
+    np.testing.assert_array_equal(predicted, expected)
+    for loaded in (registered, from_run):
+        assert all(torch.equal(v, exported.state_dict()[k]) for k, v in loaded.state_dict().items())
+    trained = final_state(result)["net"]
+    assert all(torch.equal(v, trained[k]) for k, v in exported.state_dict().items())
+    assert (result.model_dir / "run.json").exists()
+    assert (result.model_dir.parent / "reports" / "train_losses.png").exists()  # curves_path's PNG beside the CSV
+
+
+def test_a_failed_worker_restarts_from_the_last_checkpoint(reference, train_shards, tmp_path):
+    # Rank 0 raises at step 5; FailureConfig(max_failures=1) restarts the group from the checkpoint of step 3.
+    result = run_training(params(tmp_path, sqlite_uri(tmp_path), drill_fail_at_step=5, max_failures=1),
+                          shards=train_shards, models_dir=None, base=tmp_path)
+    assert result.metrics["step"] == STEPS
+    # Steps 2 and 4 were logged by the first attempt; the second resumed after step 3 (so it logged 4 again).
+    assert logged_steps(result.tracking_uri, result.run_id) == [2, 4, 4, 6, 8]
+    assert_same_training_state(final_state(result), final_state(reference))
+
+
+def test_an_interrupted_run_resumed_from_its_checkpoint_matches_the_uninterrupted_run(reference, train_shards,
+                                                                                      tmp_path):
+    interrupted = params(tmp_path, sqlite_uri(tmp_path), run_name="interrupted", drill_fail_at_step=7, max_failures=0)
+    with pytest.raises(TrainingError, match=r"(?s)fault drill.*last good checkpoint: .*checkpoint_00000006"):
+        run_training(interrupted, shards=train_shards, models_dir=None, base=tmp_path)
+
+    resumed = params(tmp_path, sqlite_uri(tmp_path), run_name="resumed",
+                     resume_from=str(tmp_path / "checkpoints" / "interrupted"))
+    result = run_training(resumed, shards=train_shards, models_dir=tmp_path / "models", base=tmp_path)
+    assert logged_steps(result.tracking_uri, result.run_id) == [8]  # only steps 7 and 8 were trained
+    assert_same_training_state(final_state(result), final_state(reference))

@@ -1,0 +1,249 @@
+"""Training without Ray: configs from params, one step, the NaN guard, checkpoints, data position, export."""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model import ModelConfig
+from model.vgg import VGG19, load_vgg19
+from pipeline.data.config import DataConfig, ShardConfig
+from pipeline.data.loader import make_loader
+from pipeline.params import load_params
+from pipeline.train.checkpoint import (DataPosition, find_checkpoint, load_state, read_meta, restore_rank_state,
+                                       restore_training_state, save_rank_state, save_training_state)
+from pipeline.train.config import TrainConfig, configs_from_params
+from pipeline.train.export import export_model, read_model_files
+from pipeline.train.grid import grid_columns, sample_grid
+from pipeline.train.launch import describe_failure
+from pipeline.train.loop import batch_stream, next_batch
+from pipeline.train.step import NonFiniteLossError, build_parts, to_device, train_step
+from pipeline.tracking import absolute_tracking_uri, flatten_params, load_model
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY_MODEL = {"nef": 8, "ngf": 8, "ndf": 8, "spade_hidden": 16, "patchmatch_iters": 1, "num_d": 1,
+              "n_layers_d": 3, "temperature": 0.05}
+
+
+@functools.cache
+def random_vgg() -> VGG19:
+    with pytest.warns(UserWarning, match="RANDOM"):
+        return load_vgg19("random", seed=0)
+
+
+def tiny_parts(seed: int = 0, **train):
+    torch.manual_seed(seed)
+    cfg = TrainConfig(**{"lr": 2e-4, **train})
+    model_cfg = ModelConfig.from_dict({**TINY_MODEL, "image_size": [64, 64], "label_nc": 12})
+    return build_parts(model_cfg, cfg.loss_weights, random_vgg(), lr=cfg.lr, ttur=cfg.ttur,
+                       g_adam_eps=cfg.g_adam_eps, amp=cfg.amp, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def batch(train_shards):
+    loader = make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0,
+                         real_exemplar_prob=0.5)
+    return next(iter(loader))
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "params/deepfashion-512-gpu.yaml"])
+def test_shipped_params_files_give_valid_configs(path):
+    params = load_params(REPO_ROOT / path)
+    DataConfig.from_params(params["data"]), ShardConfig.from_params(params["shard"])
+    train, model, mlflow_cfg = configs_from_params(params)
+    assert model.image_size == (params["data"]["image_size"],) * 2 and model.label_nc == params["data"]["label_nc"]
+    assert train.steps >= 1 and mlflow_cfg.experiment
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"train: unknown keys \['stpes'\]"):
+        configs_from_params({"train": {"stpes": 3}})
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        configs_from_params({"train": {"loss": {"warp": 1.0}}})
+    with pytest.raises(ValueError, match="model.image_size .* does not match data.image_size"):
+        configs_from_params({"data": {"image_size": 64}, "model": {"image_size": 128}})
+    with pytest.raises(ValueError, match="model.label_nc 20 does not match data.label_nc 12"):
+        configs_from_params({"data": {"label_nc": 12}, "model": {"label_nc": 20}})
+    with pytest.raises(ValueError, match="model: unknown ModelConfig fields"):
+        configs_from_params({"model": {"nfe": 8}})
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(amp="fp8")
+    train, model, _ = configs_from_params({"data": {"image_size": [64, 96], "label_nc": 3}, "model": {"nef": 8}})
+    assert model.image_size == (64, 96) and model.label_nc == 3 and model.nef == 8  # inherited from data
+
+
+def test_tracking_uri_and_params_helpers(tmp_path):
+    assert absolute_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+    assert absolute_tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+    assert flatten_params({"train": {"lr": 1e-4, "loss": {}}, "data": {"image_size": [64, 64]}}) == {
+        "train.lr": "0.0001", "train.loss": "{}", "data.image_size": "[64, 64]"}
+
+
+# ---------------------------------------------------------------- one step
+
+
+def test_ttur_optimizers_follow_the_paper():
+    parts = tiny_parts(lr=2e-4)
+    g, d = parts.opt_g.param_groups[0], parts.opt_d.param_groups[0]
+    assert g["lr"] == pytest.approx(1e-4) and d["lr"] == pytest.approx(4e-4)
+    assert g["betas"] == (0.0, 0.9) and d["betas"] == (0.0, 0.9) and g["eps"] == 1e-3
+    assert parts.amp_dtype is None and not parts.scaler_g.is_enabled()  # AMP is CUDA-only
+    no_ttur = tiny_parts(ttur=False, amp="bf16")
+    assert no_ttur.opt_g.param_groups[0]["lr"] == no_ttur.opt_d.param_groups[0]["lr"] == pytest.approx(2e-4)
+    assert no_ttur.amp_dtype is None  # bf16 requested, but this is a CPU
+
+
+def test_train_step_updates_generator_and_discriminator(batch):
+    parts = tiny_parts()
+    g_before, d_before = snapshot(parts.net), snapshot(parts.discriminator)
+    losses, out = train_step(parts, to_device(batch, parts.device), step=1)
+    expected = {"g/feat", "g/perc", "g/context", "g/gan", "g/gan_feat", "g/domain", "g/reg", "g/warp", "g/total",
+                "d/d_fake", "d/d_real", "d/total"}
+    assert set(losses) == expected and all(np.isfinite(v) for v in losses.values())
+    g_terms = [v for k, v in losses.items() if k.startswith("g/") and k != "g/total"]
+    assert losses["g/total"] == pytest.approx(sum(g_terms))
+    changed_g = [k for k, v in parts.net.state_dict().items() if not torch.equal(v, g_before[k])]
+    changed_d = [k for k, v in parts.discriminator.state_dict().items() if not torch.equal(v, d_before[k])]
+    assert any(k.startswith("corr.") for k in changed_g) and any(k.startswith("generator.") for k in changed_g)
+    assert any(k.endswith("weight_orig") for k in changed_d)
+    assert out.image.shape == (2, 3, 64, 64)
+
+
+def test_pseudo_only_terms_vanish_for_real_exemplars(batch):
+    parts = tiny_parts()
+    real = dict(batch, is_pseudo=torch.zeros(2, dtype=torch.bool))
+    pseudo = dict(batch, is_pseudo=torch.ones(2, dtype=torch.bool))
+    real_losses, _ = train_step(parts, to_device(real, parts.device))
+    pseudo_losses, _ = train_step(parts, to_device(pseudo, parts.device))
+    assert real_losses["g/feat"] == 0 and real_losses["g/warp"] == 0  # no pixel-level target without a pseudo pair
+    assert pseudo_losses["g/feat"] > 0 and pseudo_losses["g/warp"] > 0
+    assert real_losses["g/context"] > 0 and real_losses["g/gan_feat"] > 0  # the rest applies to both
+
+
+def test_non_finite_loss_names_the_term_and_applies_no_update(batch):
+    parts = tiny_parts()
+    before = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in (parts.net, parts.discriminator)]
+    broken = dict(batch, image=batch["image"].clone())
+    broken["image"][0, :, :4, :4] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'g/\w+' is nan at step 7") as err:
+        train_step(parts, to_device(broken, parts.device), step=7)
+    assert err.value.term.startswith("g/") and err.value.step == 7
+    for module, saved in zip((parts.net, parts.discriminator), before):  # (spectral-norm buffers do move)
+        assert all(torch.equal(v, saved[k]) for k, v in module.named_parameters())
+    assert not parts.opt_g.state and not parts.opt_d.state  # no optimizer step was taken
+
+
+# ---------------------------------------------------------------- checkpoints and data position
+
+
+def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path, batch):
+    parts = tiny_parts()
+    train_step(parts, to_device(batch, parts.device))
+    torch.manual_seed(123)
+    save_training_state(tmp_path, parts, step=5, meta={"world_size": 1, "mlflow_run_id": "abc"})
+    save_rank_state(tmp_path, 0, DataPosition(epoch=2, batches=3))
+    expected_draw = (torch.rand(3), np.random.rand(), random.random())
+
+    fresh = tiny_parts(seed=1)
+    torch.manual_seed(999)
+    assert restore_training_state(tmp_path, fresh) == 5
+    assert restore_rank_state(tmp_path, 0) == DataPosition(epoch=2, batches=3)
+    assert torch.equal(torch.rand(3), expected_draw[0]) and np.random.rand() == expected_draw[1]
+    assert random.random() == expected_draw[2]
+    for a, b in ((parts.net, fresh.net), (parts.discriminator, fresh.discriminator)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    for a, b in ((parts.opt_g, fresh.opt_g), (parts.opt_d, fresh.opt_d)):
+        saved, restored = a.state_dict(), b.state_dict()
+        assert saved["param_groups"] == restored["param_groups"]
+        assert all(torch.equal(v, restored["state"][i][n]) for i, s in saved["state"].items() for n, v in s.items())
+    assert read_meta(tmp_path)["mlflow_run_id"] == "abc" and load_state(tmp_path)["step"] == 5
+    assert restore_rank_state(tmp_path, 1) is None  # a rank the checkpoint did not have
+
+
+def test_find_checkpoint_skips_incomplete_ones(tmp_path):
+    parts = tiny_parts()
+    for step, complete in ((3, True), (6, True), (9, False)):
+        folder = tmp_path / f"checkpoint_{step:08d}"
+        folder.mkdir()
+        save_training_state(folder, parts, step, {"world_size": 2})
+        save_rank_state(folder, 0, DataPosition())
+        if complete:
+            save_rank_state(folder, 1, DataPosition())
+    assert find_checkpoint(tmp_path).name == "checkpoint_00000006"
+    assert find_checkpoint(tmp_path / "checkpoint_00000003").name == "checkpoint_00000003"
+    with pytest.raises(ValueError, match="incomplete"):
+        find_checkpoint(tmp_path / "checkpoint_00000009")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_checkpoint(tmp_path / "empty_run")
+    error = RuntimeError("Worker failed\nNonFiniteLossError: loss term 'g/warp' is nan")
+    message = describe_failure(error, str(tmp_path))
+    assert "g/warp" in message and "checkpoint_00000006" in message
+
+
+def test_batch_stream_resumes_at_the_recorded_position(train_shards):
+    def keys(n, position):
+        loader = make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0, rank=1,
+                             world_size=2)
+        stream = batch_stream(loader, position, 2)
+        return [tuple(next_batch(stream)["key"]) for _ in range(n)]
+
+    position = DataPosition()
+    first = keys(7, position)  # crosses at least one epoch boundary (rank 1 holds <= 4 full batches)
+    assert position.epoch >= 1 and all(len(k) == 2 for k in first)
+    resumed = keys(5, copy.copy(position))
+    straight = keys(12, DataPosition())
+    assert first + resumed == straight
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    keys(3, DataPosition())  # starting epochs must not move the training RNG
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------- export and grids
+
+
+def test_exported_model_folder_round_trips_and_is_replaced_atomically(tmp_path, batch):
+    parts = tiny_parts()
+    cfg = parts.net.cfg
+    out = export_model(tmp_path / "models", parts.net.state_dict(), cfg, {"mlflow_run_id": "r1"})
+    export_model(out, parts.net.state_dict(), cfg, {"mlflow_run_id": "r2"})  # over an existing export
+    assert json.loads((out / "run.json").read_text())["mlflow_run_id"] == "r2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no temp or old folders left
+    net = load_model(out)
+    assert not net.training and net.cfg == cfg
+    args = (batch["input_map"], batch["exemplar"], batch["exemplar_map"])
+    parts.net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(*args).image, parts.net(*args).image)
+    with pytest.raises(FileNotFoundError, match="not an exported CoCosNet model"):
+        read_model_files(tmp_path)
+
+
+def test_sample_grid_has_one_tile_per_column(batch):
+    parts = tiny_parts()
+    with torch.no_grad():
+        out = parts.net(batch["input_map"], batch["exemplar"], batch["exemplar_map"])
+    grid = sample_grid(batch, out.image, out.warped, rows=2)
+    columns = grid_columns(len(out.warped))
+    assert columns[:3] == ["input", "exemplar", "warped_0"] and columns[-2:] == ["output", "target"]
+    assert len(columns) == 2 + 4 + 2  # v2 warps at four levels
+    assert grid.dtype == np.uint8 and grid.shape == (2 * 64 + 2, len(columns) * 66 - 2, 3)
+    target_tile = grid[:64, -64:].astype(int)
+    expected = ((batch["image"][0].permute(1, 2, 0) + 1) / 2 * 255).round().numpy().astype(int)
+    assert np.abs(target_tile - expected).max() <= 1
