@@ -133,7 +133,8 @@ def vgg():
 
 def _criterion(vgg_net, **weights) -> CoCosNetLoss:
     torch.manual_seed(0)
-    cfg = ModelConfig(image_size=(H, W), label_nc=LABEL_NC, ndf=8, num_d=2, n_layers_d=3)
+    # The discriminator runs at any size; the config only has to be a valid model size.
+    cfg = ModelConfig(image_size=(64, 64), label_nc=LABEL_NC, ndf=8, num_d=2, n_layers_d=3)
     return CoCosNetLoss(LossWeights(**weights), vgg_net, MultiscaleDiscriminator(cfg))
 
 
