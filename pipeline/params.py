@@ -1,7 +1,9 @@
 """Read params.yaml: the one file of pipeline settings whose sections DVC tracks per stage."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any, Mapping
 
 import yaml
 
@@ -27,3 +29,12 @@ def section(params: dict, name: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"params section {name!r} must be a mapping, got {type(value).__name__}")
     return value
+
+
+def from_mapping(cls, values: Mapping[str, Any], where: str):
+    """Build dataclass `cls` from a params mapping, refusing unknown keys (a typo must not silently fall back)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"params.yaml {where}: unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**values)

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pipeline.params import from_mapping
+
 TASKS = ("mask", "edge", "pose")
 
 
@@ -19,15 +21,6 @@ def as_size(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if min(size) < 8:
         raise ValueError(f"image_size must be at least 8 pixels per side, got {value!r}")
     return size
-
-
-def _from_mapping(cls, values: Mapping[str, Any], where: str):
-    """Build dataclass `cls` from a mapping, refusing unknown keys (a typo must not silently fall back)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"params.yaml {where}: unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -57,7 +50,7 @@ class DataConfig:
         nested = {k: data.pop(k) for k in list(data) if isinstance(data[k], dict)}
         options = nested.pop(source, {}) or {}
         # Sections of the other sources are allowed (switching source is a one-line change).
-        return _from_mapping(cls, {**data, "source_options": options}, "data")
+        return from_mapping(cls, {**data, "source_options": options}, "data")
 
     def source_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for pipeline.data.sources.get_source."""
@@ -116,7 +109,7 @@ class ShardConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, Mapping):
-            object.__setattr__(self, "augment", _from_mapping(AugmentConfig, self.augment, "shard.augment"))
+            object.__setattr__(self, "augment", from_mapping(AugmentConfig, self.augment, "shard.augment"))
         if self.pseudo_per_image < 1:
             raise ValueError(f"shard.pseudo_per_image must be >= 1, got {self.pseudo_per_image}")
         if self.samples_per_shard < 1 or self.min_shards_per_split < 1:
@@ -130,7 +123,7 @@ class ShardConfig:
 
     @classmethod
     def from_params(cls, shard: Mapping[str, Any]) -> "ShardConfig":
-        return _from_mapping(cls, dict(shard), "shard")
+        return from_mapping(cls, dict(shard), "shard")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,17 +15,10 @@ from typing import Any, Literal, Mapping
 from model import ModelConfig
 from model.losses import LossWeights
 from pipeline.data.config import as_size
+from pipeline.params import from_mapping
 
 Amp = Literal["none", "bf16", "fp16"]
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def _from_mapping(cls, values: Mapping[str, Any], where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"params.yaml {where}: unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -102,7 +95,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        return _from_mapping(cls, dict(values), "train")
+        return from_mapping(cls, dict(values), "train")
 
 
 @dataclass(frozen=True)
@@ -121,7 +114,7 @@ class MlflowConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "MlflowConfig":
-        return _from_mapping(cls, dict(values), "mlflow")
+        return from_mapping(cls, dict(values), "mlflow")
 
 
 def model_config_from_params(model: Mapping[str, Any], data: Mapping[str, Any]) -> ModelConfig:
