@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.imageio import fit, read_label_png, read_photo
-from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, read_pairing_list, safe_name,
+from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, safe_name,
                                         unique_items)
 
 LAYOUT = "ADEChallengeData2016 layout: images/{training,validation}/*.jpg and annotations/{training,validation}/*.png"
@@ -17,6 +17,8 @@ PAIRING_LISTS = ("ade20k_ref.txt", "ade20k_ref_test.txt")  # CoCosNet's lists: "
 
 class ADE20KSource(Source):
     """Class ids are stored as they are (0 = unlabelled); label_nc counts them all (151 for ADE20K)."""
+
+    pairing_files = PAIRING_LISTS
 
     name = "ade20k"
     tasks = ("mask",)
@@ -57,10 +59,3 @@ class ADE20KSource(Source):
         dtype = np.uint8 if self.label_nc <= 256 else np.uint16
         return Example(photo=fit(photo, self.image_size, "area"),
                        input_map=fit(labels.astype(dtype), self.image_size, "nearest"))
-
-    def pairing_lists(self) -> dict[str, list[str]]:
-        pairs: dict[str, list[str]] = {}
-        for name in PAIRING_LISTS:
-            if (self.root / name).exists():
-                pairs.update(read_pairing_list(self.root / name))
-        return pairs

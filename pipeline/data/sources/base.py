@@ -72,9 +72,15 @@ class Source:
         """Read, validate and resize one item; raises SkipSample naming the file and the problem."""
         raise NotImplementedError
 
+    pairing_files: tuple[str, ...] = ()  # files under root in the official "name,ref1,ref2,..." format
+
     def pairing_lists(self) -> dict[str, list[str]]:
         """Listed exemplars {listed name: [ref1, ref2, ...]} from the dataset's pairing files, or {}."""
-        return {}
+        pairs: dict[str, list[str]] = {}
+        for name in self.pairing_files:
+            if (self.root / name).exists():
+                pairs.update(read_pairing_list(self.root / name))
+        return pairs
 
     def describe(self) -> dict[str, Any]:
         """What identifies this source's output (goes into fingerprints and the manifest)."""

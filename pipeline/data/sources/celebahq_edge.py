@@ -39,6 +39,8 @@ def index_part_masks(folder: Path) -> dict[int, dict[str, str]]:
 
 
 class CelebAHQEdgeSource(Source):
+
+    pairing_files = PAIRING_LISTS
     name = "celebahq_edge"
     tasks = ("edge",)
     input_encoding = "channels"
@@ -91,10 +93,3 @@ class CelebAHQEdgeSource(Source):
             return Example(photo=photo, input_map=as_edge_map(edges)[None])
         channels = [as_edge_map(edges), *distances, as_edge_map(part_edges)]
         return Example(photo=photo, input_map=np.stack(channels))
-
-    def pairing_lists(self) -> dict[str, list[str]]:
-        pairs: dict[str, list[str]] = {}
-        for name in PAIRING_LISTS:
-            if (self.root / name).exists():
-                pairs.update(read_pairing_list(self.root / name))
-        return pairs

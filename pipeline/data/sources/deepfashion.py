@@ -21,6 +21,8 @@ FRAME_TOLERANCE = 2.0  # pixels: keypoints may sit on the border
 
 
 class DeepFashionSource(Source):
+
+    pairing_files = PAIRING_LISTS
     name = "deepfashion"
     tasks = ("pose",)
     input_encoding = "channels"
@@ -63,10 +65,3 @@ class DeepFashionSource(Source):
                              f"({width}x{height}): pose and photo sizes do not match")
         pose = encode_pose(candidate, joints, (height, width), self.image_size)
         return Example(photo=fit(photo, self.image_size, "area"), input_map=pose)
-
-    def pairing_lists(self) -> dict[str, list[str]]:
-        pairs: dict[str, list[str]] = {}
-        for name in PAIRING_LISTS:
-            if (self.root / name).exists():
-                pairs.update(read_pairing_list(self.root / name))
-        return pairs
