@@ -1,0 +1,6 @@
+"""python -m pipeline.cli: the `cocosnet` command without the installed script."""
+import sys
+
+from pipeline.cli import main
+
+sys.exit(main())
