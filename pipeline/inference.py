@@ -38,11 +38,10 @@ from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.imageio import fit, read_gray, read_label_png, read_photo
 from pipeline.data.loader import image_to_float, map_to_float
 from pipeline.data.maps import as_edge_map, canny_edges
-from pipeline.data.pose import NUM_JOINTS, POSE_CHANNELS, encode_pose, read_openpose
+from pipeline.data.pose import NUM_JOINTS, POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
 from pipeline.train.export import RUN_FILE, read_model_files
 
 TASKS = ("mask", "edge", "pose")
-FRAME_TOLERANCE = 2.0  # pixels a keypoint may lie outside its canvas (as the deepfashion source allows)
 # OpenPose BODY_25 -> COCO-18 joint order (BODY_25 adds MidHip at 8 and six foot points at the end).
 BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 
@@ -182,10 +181,8 @@ def pose_to_tensor(path: str | Path, cfg: ModelConfig, canvas: tuple[int, int]) 
     if cfg.label_nc != POSE_CHANNELS:
         raise DataError(f"{path}: pose keypoints give {POSE_CHANNELS} channels, the model takes {cfg.label_nc}")
     candidate, joints = read_keypoints(path)
-    used = candidate[joints[joints >= 0], :2]
     height, width = canvas
-    if len(used) and ((used < -FRAME_TOLERANCE).any() or (used[:, 0] > width + FRAME_TOLERANCE).any()
-                      or (used[:, 1] > height + FRAME_TOLERANCE).any()):
+    if not keypoints_in_frame(candidate, joints, canvas):
         raise DataError(f"{path}: keypoints lie outside the {width}x{height} canvas they are drawn on "
                         "(the exemplar photo's size unless a pose canvas is given)")
     pose = encode_pose(candidate, joints, (height, width), cfg.image_size)

@@ -23,6 +23,7 @@ REFERENCE_CANVAS = 1024  # the official canvas side; sizes below are in its pixe
 STICK_WIDTH = 20
 JOINT_RADIUS = 20
 DISTANCE_UNIT = 3
+FRAME_TOLERANCE = 2.0  # pixels a keypoint may lie outside its canvas (keypoints may sit on the border)
 
 # Joint pairs (1-based joint numbers, as OpenPose documents them) forming the limbs.
 LIMBS = ((2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12), (12, 13),
@@ -57,6 +58,14 @@ def read_openpose(candidate_path: Path, subset_path: Path) -> tuple[np.ndarray, 
     if joints.max() >= len(candidate) or joints.min() < -1:
         raise SkipSample(str(subset_path), f"joint index out of range (candidate has {len(candidate)} rows)")
     return candidate, joints
+
+
+def keypoints_in_frame(candidate: np.ndarray, joints: np.ndarray, canvas_hw: tuple[int, int],
+                       tolerance: float = FRAME_TOLERANCE) -> bool:
+    """Whether every detected joint lies on the (H, W) canvas, give or take `tolerance` pixels."""
+    used = candidate[joints[joints >= 0], :2]
+    height, width = canvas_hw
+    return bool(((used >= -tolerance) & (used <= np.array([width, height]) + tolerance)).all())
 
 
 def limb_ellipse(candidate: np.ndarray, a: int, b: int, stick_width: int) -> np.ndarray:

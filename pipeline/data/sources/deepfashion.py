@@ -11,13 +11,12 @@ from pathlib import Path
 
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.imageio import fit, read_photo
-from pipeline.data.pose import POSE_CHANNELS, encode_pose, read_openpose
+from pipeline.data.pose import POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
 from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, read_name_list, read_pairing_list,
                                         safe_name, unique_items)
 
 LAYOUT = "DeepFashionHD layout: img/**/<name>.jpg with pose/**/<name>_candidate.txt and <name>_subset.txt"
 PAIRING_LISTS = ("deepfashion_ref.txt", "deepfashion_ref_test.txt")
-FRAME_TOLERANCE = 2.0  # pixels: keypoints may sit on the border
 
 
 class DeepFashionSource(Source):
@@ -56,11 +55,8 @@ class DeepFashionSource(Source):
     def load(self, item: ItemRef) -> Example:
         photo = read_photo(item.path)
         candidate, joints = read_openpose(Path(item.files["candidate"]), Path(item.files["subset"]))
-        used = candidate[joints[joints >= 0], :2]
         height, width = photo.shape[:2]
-        outside = (used[:, 0] < -FRAME_TOLERANCE) | (used[:, 0] > width + FRAME_TOLERANCE) | \
-                  (used[:, 1] < -FRAME_TOLERANCE) | (used[:, 1] > height + FRAME_TOLERANCE)
-        if outside.any():
+        if not keypoints_in_frame(candidate, joints, (height, width)):
             raise SkipSample(item.files["candidate"], f"keypoints outside the photo {item.path} "
                              f"({width}x{height}): pose and photo sizes do not match")
         pose = encode_pose(candidate, joints, (height, width), self.image_size)
