@@ -236,7 +236,7 @@ def describe(exc: Exception, pair: Pair) -> str:
 def translate_pairs(translator: "Translator", pairs: Sequence[Pair], *, batch_size: int, save_warped: bool,
                     pose_canvas: tuple[int, int] | None, progress: bool) -> tuple[int, list[str]]:
     """Translate and write every pair, batch_size at a time; a failing pair never stops the others.
-    -> (written, failure messages in input order)."""
+    -> (written, failure messages)."""
     from tqdm import tqdm
 
     written, failures = 0, []
