@@ -147,6 +147,7 @@ class LossWeights:
     warp_self: float = 500.0  # warped exemplar vs target on pseudo pairs, every level
     warp_cycle: float = 1.0  # exemplar -> input -> exemplar warp vs exemplar
     domain: float = 10.0  # L1 between the two domain adaptors' features (official weight_novgg_featpair)
+    pixel: float = 0.0  # L1 between output and target on pseudo pairs (not in the official code: 0 there)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -182,6 +183,13 @@ def weighted_l1(x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor) 
     With w = p / sum(p) the batch is averaged twice, so the value scales as 1 / batch size.
     """
     return (torch.abs(x - y) * sample_weights).mean()
+
+
+def pseudo_mean_l1(x: torch.Tensor, y: torch.Tensor, is_pseudo: torch.Tensor) -> torch.Tensor:
+    """Mean |x - y| over the pseudo-pair samples of the batch (0 when there are none)."""
+    p = is_pseudo.reshape(-1).to(device=x.device, dtype=x.dtype)
+    per_sample = torch.abs(x - y).flatten(1).mean(1)
+    return (per_sample * p).sum() / p.sum().clamp_min(1.0)
 
 
 def _resize_to(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -243,7 +251,7 @@ class CoCosNetLoss(nn.Module):
         return [[f[:b] for f in d] for d in both], [[f[b:] for f in d] for d in both]
 
     def generator_loss(self, batch: Mapping[str, torch.Tensor], out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp.
+        """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp, pixel.
 
         Gradients reach ``out``'s tensors, never the VGG or the discriminator.
         """
@@ -277,6 +285,9 @@ class CoCosNetLoss(nn.Module):
                 terms["gan"] = w.gan * hinge_g_loss(pred_fake)
             if w.gan_feat:
                 terms["gan_feat"] = w.gan_feat * gan_feature_matching(pred_fake, pred_real)
+
+        if w.pixel:
+            terms["pixel"] = w.pixel * pseudo_mean_l1(fake, target, batch["is_pseudo"])
 
         domain_features = getattr(out, "domain_features", None)
         if w.domain and domain_features is not None:

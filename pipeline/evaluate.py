@@ -1,0 +1,429 @@
+"""Evaluate a trained model on the validation shards: correspondence, reconstruction, style, distributions.
+
+    result = evaluate(load_params("params.yaml"), model_ref="models", shards="data/shards")
+
+Every validation sample is run twice per model: with its pseudo exemplar (a distorted copy of x_B with the
+exact ground-truth flow) and with its real exemplar (another image, the task the model is for).
+
+    corr/...    pseudo pairs: end-point error (px) and PCK at 1, 3, 5 px of the matched exemplar position,
+                at full resolution (the finest level) and per level ("levels/l<i>/...": each level's matches
+                upsampled to full resolution, so errors are in full-resolution pixels at every level)
+    recon/...   pseudo pairs: PSNR (dB), SSIM and L1 of the output against x_B (on the [0, 1] scale)
+    style/...   real exemplars. Synthetic source: colour_error = distance (0-255 RGB) between the mean colours
+                of the output and of the ideal render(label_A, palette_B), per class present in both input and
+                exemplar, averaged over (image, class); psnr_ideal = PSNR against that ideal. With VGG weights
+                (evaluate.vgg_weights): vgg_colour, vgg_texture (style relevance) and semantic (consistency)
+    dist/...    real exemplars vs the validation photos: swd (sliced Wasserstein of Laplacian-pyramid patches,
+                x1e3, no weights needed) and fid (Fréchet distance of evaluate.fid_features: "vgg19" with VGG
+                weights, or an Inception TorchScript file)
+    untrained/  the same metrics for the same architecture with fresh (seeded) weights: training must beat it
+    identity/   corr metrics of matching every pixel to itself (the no-motion baseline)
+
+Metrics that need weights which were not given are left out, and the reason is reported ("skipped").
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import cv2
+import numpy as np
+import torch
+from mlflow.entities import Metric
+
+from model import CoCosNet
+from model.vgg import VGG19, load_vgg19
+from pipeline import metrics as M
+from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
+from pipeline.data.loader import make_loader, read_manifest
+from pipeline.data.sources.synthetic import SyntheticSource, render
+from pipeline.params import from_mapping
+from pipeline.train.export import RUN_FILE
+
+CURVE_THRESHOLDS = tuple(float(t) for t in np.arange(0.0, 10.01, 0.5))  # PCK curve (px)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The `evaluate:` section of params.yaml."""
+
+    split: str = "val"
+    batch_size: int = 8
+    max_samples: int | None = None  # evaluate the first N samples of the split (None: all)
+    pck_thresholds: tuple[float, ...] = (1.0, 3.0, 5.0)
+    vgg_weights: str | None = None  # vgg19_conv.pth / torchvision file, "imagenet", "random"; None: no VGG metrics
+    fid_features: str | None = None  # "vgg19" (needs vgg_weights) or an Inception TorchScript file; None: no FID
+    swd: bool = True
+    compare_untrained: bool = True
+    grid_rows: int = 6
+    seed: int = 0  # initialisation of the untrained model, SWD projections
+    device: str = "cpu"
+    loader_workers: int = 0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "EvalConfig":
+        values = dict(values)
+        if "pck_thresholds" in values:
+            values["pck_thresholds"] = tuple(float(t) for t in values["pck_thresholds"])
+        return from_mapping(cls, values, "evaluate")
+
+
+# ---------------------------------------------------------------- ground truth of the synthetic source
+
+
+class SyntheticTruth:
+    """Label maps and palettes of the synthetic scenes, rebuilt from the source settings the manifest records:
+    the ideal translation of input A with exemplar B is render(label_A, palette_B)."""
+
+    def __init__(self, manifest: Mapping[str, Any], size: tuple[int, int]):
+        recorded = manifest["prepared"]["source"]
+        settings = inspect.signature(SyntheticSource).parameters
+        self.source = SyntheticSource(**{k: v for k, v in recorded.items() if k in settings})
+        self.size = size
+
+    def labels(self, name: str) -> np.ndarray:
+        labels = self.source.scene(int(name))[0]
+        if labels.shape != self.size:
+            labels = cv2.resize(labels, self.size[::-1], interpolation=cv2.INTER_NEAREST)
+        return labels
+
+    def ideal(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+        """-> ideal images (B, 3, H, W) in [-1, 1], input labels (B, H, W), classes shared with the exemplar."""
+        images, labels, shared = [], [], []
+        for meta in metas:
+            a, b = self.labels(meta["name"]), self.labels(meta["exemplar"])
+            images.append(render(a, meta["exemplar_palette"]))
+            labels.append(a)
+            shared.append(sorted(set(np.unique(a).tolist()) & set(np.unique(b).tolist())))
+        ideal = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return ideal, torch.from_numpy(np.stack(labels).astype(np.int64)), shared
+
+
+# ---------------------------------------------------------------- feature extractors for FID
+
+
+def fid_extractor(spec: str, vgg: VGG19 | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, 3, H, W) in [-1, 1] -> (B, D) features.
+
+    "vgg19": global average of VGG19's relu5_4 (needs evaluate.vgg_weights). A path: an Inception TorchScript
+    file with the convention of the FID reference port (`module(x, return_features=True)`, x in [0, 255] at
+    299x299 -> (B, 2048)). TorchScript archives load code and tensors, never pickled Python objects.
+    """
+    if spec == "vgg19":
+        if vgg is None:
+            raise ValueError("evaluate.fid_features=vgg19 needs evaluate.vgg_weights")
+        return lambda x: vgg(x, ("r54",))[0].mean(dim=(2, 3))
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, and the format FID files use
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(spec, map_location=device).eval()
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"{spec}: not a TorchScript Inception file ({exc})") from None
+
+    def inception(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate((x.float() + 1) * 127.5, size=(299, 299), mode="bilinear",
+                                            align_corners=False)
+        return module(x, return_features=True).flatten(1)
+
+    return inception
+
+
+# ---------------------------------------------------------------- accumulating scores over batches
+
+
+@dataclass
+class Scores:
+    """Running sums of one model's metrics over the validation batches."""
+
+    thresholds: tuple[float, ...]
+    flow: dict[str, dict[str, float]] = field(default_factory=dict)  # level name -> sums
+    curve: np.ndarray = field(default_factory=lambda: np.zeros(len(CURVE_THRESHOLDS)))
+    values: dict[str, list[float]] = field(default_factory=dict)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # real-exemplar outputs, for SWD/FID
+
+    def add_flow(self, level: str, predicted: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> None:
+        """Sums for one level; "full" (the finest level) also feeds the PCK curve."""
+        sums = M.flow_error_sums(predicted, truth, valid, self.thresholds)
+        into = self.flow.setdefault(level, dict.fromkeys(sums, 0.0))
+        for key, value in sums.items():
+            into[key] += value
+        if level == "full":
+            errors = M.endpoint_errors(predicted, truth)[valid]
+            self.curve += np.array([float((errors <= t).sum()) for t in CURVE_THRESHOLDS])
+
+    def add(self, name: str, values: torch.Tensor | Iterable[float]) -> None:
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        self.values.setdefault(name, []).extend(float(v) for v in values)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for level, sums in self.flow.items():
+            n = max(sums["count"], 1.0)
+            scores = {key: value / n for key, value in sums.items() if key != "count"}
+            if level == "full":
+                out["corr"] = {**scores, **out.get("corr", {})}
+            else:
+                out.setdefault("corr", {}).setdefault("levels", {})[level] = scores
+        for name, values in self.values.items():
+            group, key = name.split("/", 1)
+            out.setdefault(group, {})[key] = M.mean_or_nan(values)
+        return out
+
+
+def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores, truth: SyntheticTruth | None,
+              vgg: VGG19 | None) -> tuple[Any, Any]:
+    """Both passes of one batch through `net`, adding to `scores`. -> (pseudo output, real output)."""
+    size = tuple(batch["image"].shape[-2:])
+    valid = batch["flow_valid"]
+    pseudo = net(batch["input_map"], batch["pseudo"], batch["pseudo_map"])
+    for i, matches in enumerate(pseudo.matches):
+        positions = M.upsample_matches(matches, size)
+        scores.add_flow(f"l{i}", positions, batch["flow"], valid)
+        if i == len(pseudo.matches) - 1:
+            scores.add_flow("full", positions, batch["flow"], valid)
+    scores.add("recon/psnr", M.psnr(pseudo.image, batch["image"]))
+    scores.add("recon/ssim", M.ssim(pseudo.image, batch["image"]))
+    scores.add("recon/l1", M.l1(pseudo.image, batch["image"]))
+
+    real = net(batch["input_map"], batch["real_exemplar"], batch["real_exemplar_map"])
+    if truth is not None:
+        ideal, labels, shared = truth.ideal(batch["meta"])
+        ideal, labels = ideal.to(real.image.device), labels.to(real.image.device)
+        scores.add("style/colour_error", M.class_colour_errors(real.image, ideal, labels, shared))
+        scores.add("style/psnr_ideal", M.psnr(real.image, ideal))
+    if vgg is not None:
+        for key, values in M.style_scores(vgg, real.image, batch["real_exemplar"], batch["image"]).items():
+            scores.add(f"style/{key}", values)
+    scores.outputs.append(real.image.cpu())
+    return pseudo, real
+
+
+def untrained_copy(net: CoCosNet, seed: int) -> CoCosNet:
+    """The same architecture with the weights a training run would start from (seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = CoCosNet(net.cfg)
+    return fresh.to(next(net.parameters()).device).eval()
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]  # nested, numbers only: metrics/eval.json
+    skipped: dict[str, str]  # metric -> why it was not computed
+    curves: dict[str, list[float]]  # PCK over CURVE_THRESHOLDS: trained, untrained, identity
+    grid: np.ndarray | None  # (H', W', 3) uint8: input | exemplar | warped per level | output | ideal or target
+    samples: int
+
+
+def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool = True) -> Evaluation:
+    """Run `net` (and its untrained twin) over the split; see the module docstring for the metrics."""
+    from tqdm import tqdm
+
+    from pipeline.train.grid import sample_grid
+
+    device = torch.device(cfg.device)
+    net = net.to(device).eval()
+    manifest, _ = read_manifest(shards)
+    size, label_nc = net.cfg.image_size, net.cfg.label_nc
+    loader = make_loader(shards, batch_size=cfg.batch_size, split=cfg.split, image_size=size, label_nc=label_nc,
+                         real_exemplar_prob=0.0, mode="both", num_workers=cfg.loader_workers, seed=cfg.seed,
+                         shuffle=False, device=device)
+    skipped: dict[str, str] = {}
+    truth = SyntheticTruth(manifest, size) if manifest["source"] == "synthetic" else None
+    if truth is None:
+        skipped["style/colour_error"] = f"needs the synthetic source's palettes (shards are {manifest['source']})"
+    vgg = load_vgg19(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
+    if vgg is None:
+        skipped["style/vgg_scores"] = "no VGG19 weights (evaluate.vgg_weights)"
+    features = None
+    if cfg.fid_features:
+        features = fid_extractor(cfg.fid_features, vgg, device)
+    else:
+        skipped["dist/fid"] = "no feature extractor (evaluate.fid_features: vgg19 or an Inception TorchScript file)"
+
+    models = {"trained": net}
+    if cfg.compare_untrained:
+        models["untrained"] = untrained_copy(net, cfg.seed)
+    scores = {name: Scores(cfg.pck_thresholds) for name in models}
+    identity = Scores(cfg.pck_thresholds)
+    photos: list[torch.Tensor] = []
+    grid, seen = None, 0
+    total = min(loader.total_samples, cfg.max_samples or loader.total_samples)
+    with torch.no_grad(), tqdm(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
+        for batch in loader:
+            if seen >= total:
+                break
+            batch = trim(batch, total - seen)
+            for name, model in models.items():
+                pseudo, real = run_model(model, batch, scores[name], truth, vgg)
+                if name == "trained" and grid is None:
+                    target = truth.ideal(batch["meta"])[0] if truth is not None else batch["image"]
+                    shown = {"input_map": batch["input_map"], "exemplar": batch["real_exemplar"], "image": target}
+                    grid = sample_grid(shown, real.image, real.warped, rows=cfg.grid_rows)
+            identity.add_flow("full", M.identity_positions(size, len(batch["key"])).to(device), batch["flow"],
+                              batch["flow_valid"])
+            photos.append(batch["image"].cpu())
+            seen += len(batch["key"])
+            bar.update(len(batch["key"]))
+    if seen == 0:
+        raise ValueError(f"{shards}: no {cfg.split!r} samples to evaluate")
+
+    results: dict[str, Any] = {}
+    real_photos = torch.cat(photos)
+    for name, s in scores.items():
+        summary = s.summary()
+        outputs = torch.cat(s.outputs)
+        dist = {}
+        if cfg.swd:
+            levels = M.swd(outputs, real_photos, seed=cfg.seed)
+            dist["swd"] = float(np.mean(levels))
+            dist.update({f"swd_{i}": v for i, v in enumerate(levels)})
+        if features is not None and seen >= 2:
+            feats = [torch.cat([features(x[i:i + cfg.batch_size].to(device)).cpu()
+                                for i in range(0, len(x), cfg.batch_size)]).numpy() for x in (outputs, real_photos)]
+            dist["fid"] = M.frechet_distance(*feats)
+        if dist:
+            summary["dist"] = dist
+        results[name] = summary
+    metrics = {**results.pop("trained"), **results,
+               "identity": identity.summary()["corr"], "samples": seen}
+    curves = {name: (s.curve / max(s.flow["full"]["count"], 1.0)).tolist()
+              for name, s in {**scores, "identity": identity}.items()}
+    return Evaluation(metrics=drop_nan(metrics), skipped=skipped, curves=curves, grid=grid, samples=seen)
+
+
+def trim(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first n samples of a batch (max_samples may end inside one)."""
+    if len(batch["key"]) <= n:
+        return batch
+    return {k: v[:n] for k, v in batch.items()}
+
+
+def drop_nan(tree: Any) -> Any:
+    """NaN means "no data" (e.g. no class shared with the exemplar); JSON and DVC want it absent."""
+    if isinstance(tree, dict):
+        return {k: drop_nan(v) for k, v in tree.items() if not (isinstance(v, float) and math.isnan(v))}
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"corr": {"pck_3": 0.5}} -> {"corr/pck_3": 0.5} (MLflow metric names, register.metric)."""
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{prefix}{key}/")
+        else:
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+# ---------------------------------------------------------------- the stage: files and MLflow
+
+
+def model_run(model_ref: str, tracking_uri: str) -> str | None:
+    """The MLflow run a model came from: run.json of an exported folder, else the URI's model info."""
+    folder = Path(model_ref)
+    if folder.is_dir():
+        run_file = folder / RUN_FILE
+        return json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.exists() else None
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.models.get_model_info(model_ref).run_id
+
+
+def write_pck_curves(columns: Mapping[str, list[float]], csv_path: Path) -> None:
+    """PCK against the threshold (px), one column per model -> CSV for `dvc plots` and a PNG beside it."""
+    lines = ["threshold_px," + ",".join(columns)]
+    for i, t in enumerate(CURVE_THRESHOLDS):
+        lines.append(f"{t:g}," + ",".join(f"{values[i]:.5f}" for values in columns.values()))
+    atomic_write_bytes(csv_path, ("\n".join(lines) + "\n").encode())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, values in columns.items():
+        ax.plot(CURVE_THRESHOLDS, values, label=name, lw=2 if name == "trained" else 1)
+    ax.set(xlabel="threshold (px)", ylabel="PCK", ylim=(0, 1), title="correspondence accuracy (pseudo pairs)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(csv_path.with_suffix(".png"), buffer.getvalue())
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise ValueError("could not encode the sample grid as PNG")
+    return encoded.tobytes()
+
+
+def run_evaluation(params: Mapping[str, Any], *, model_ref: str = "models", shards: str = "data/shards",
+                   metrics_path: str | Path = "metrics/eval.json", reports_dir: str | Path = "reports",
+                   progress: bool = True) -> Evaluation:
+    """The evaluate stage: metrics file, PCK curves, sample grid, and the same logged to the model's MLflow run."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.train.config import MlflowConfig
+
+    cfg = EvalConfig.from_dict(params.get("evaluate") or {})
+    uri = tracking.tracking_uri(MlflowConfig.from_dict(params.get("mlflow") or {}))
+    if not Path(model_ref).is_dir():
+        mlflow.set_tracking_uri(uri)
+    net = tracking.load_model(model_ref, cfg.device)
+    result = evaluate_model(net, shards, cfg, progress=progress)
+
+    reports = Path(reports_dir)
+    atomic_write_json(metrics_path, result.metrics)
+    write_pck_curves(result.curves, reports / "eval_pck.csv")
+    if result.grid is not None:
+        atomic_write_bytes(reports / "eval_samples.png", png_bytes(result.grid))
+
+    run_id = model_run(model_ref, uri)
+    if run_id:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        flat = {f"eval/{k}": v for k, v in flatten(result.metrics).items()}
+        items = [Metric(k, v, int(time.time() * 1000), 0) for k, v in flat.items()]
+        for start in range(0, len(items), 1000):
+            client.log_batch(run_id, metrics=items[start:start + 1000])
+        for name, reason in result.skipped.items():
+            client.set_tag(run_id, f"eval.skipped.{name}", reason)
+        client.set_tag(run_id, "eval.model_ref", str(model_ref))
+        for path in (Path(metrics_path), reports / "eval_pck.csv", reports / "eval_pck.png",
+                     reports / "eval_samples.png"):
+            if path.exists():
+                client.log_artifact(run_id, str(path), artifact_path="eval")
+    say_summary(result, run_id)
+    return result
+
+
+def say_summary(result: Evaluation, run_id: str | None) -> None:
+    m = result.metrics
+    def line(name: str, key: str, fmt: str) -> str:
+        trained = m.get(key.split("/")[0], {}).get(key.split("/")[1])
+        untrained = m.get("untrained", {}).get(key.split("/")[0], {}).get(key.split("/")[1])
+        parts = [f"trained {trained:{fmt}}" if trained is not None else "trained -"]
+        if untrained is not None:
+            parts.append(f"untrained {untrained:{fmt}}")
+        return f"  {name:28s} " + "   ".join(parts)
+    print(f"evaluate: {result.samples} validation samples" + (f" (MLflow run {run_id})" if run_id else ""))
+    print(line("PCK@3px (higher is better)", "corr/pck_3", ".4f"))
+    print(line("EPE px (lower is better)", "corr/epe", ".2f"))
+    print(line("colour error (lower better)", "style/colour_error", ".1f"))
+    print(line("PSNR pseudo pairs dB", "recon/psnr", ".2f"))
+    for name, reason in result.skipped.items():
+        print(f"  skipped {name}: {reason}")
