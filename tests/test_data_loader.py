@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.errors import DataError
-from pipeline.data.loader import make_loader
+from pipeline.data.imageio import decode_jpeg
+from pipeline.data.loader import SLOTS, expand_on_cpu, expand_with_torch, make_loader
 from tests.test_data_helpers import build_shards, tiny_shard_config
 
 
@@ -213,11 +214,90 @@ def test_fewer_shards_than_workers_still_reads_everything(shards, tmp_path):
 def test_compact_batches_are_what_the_workers_send(shards):
     shard_dir, _ = shards
     compact = next(loader(shard_dir, mode="both", real_exemplar_prob=0.5, seed=1).compact_batches())
-    assert compact["image"].shape == (4, 32, 32, 3) and compact["image"].dtype == torch.uint8
+    assert compact["image"].shape == (4, 3, 32, 32) and compact["image"].dtype == torch.uint8  # planar RGB
     assert compact["input_map"].shape == (4, 32, 32) and compact["input_map"].dtype == torch.uint8
-    assert compact["flow"].shape == (4, 2, 32, 32) and compact["flow"].dtype == torch.float16
+    assert compact["flow"].shape == (4, 2, 32, 32) and compact["flow"].dtype == torch.float32
+    assert compact["flow_valid"].shape == (4, 1, 32, 32) and compact["flow_valid"].dtype == torch.bool
     expanded = next(iter(loader(shard_dir, mode="both", real_exemplar_prob=0.5, seed=1, device="cpu")))
-    torch.testing.assert_close(expanded["image"], compact["image"].permute(0, 3, 1, 2).float() / 127.5 - 1)
+    torch.testing.assert_close(expanded["image"], compact["image"].float() / 127.5 - 1)
     assert torch.equal(expanded["input_map"].argmax(1), compact["input_map"].long())
-    valid = ~torch.isnan(compact["flow"][:, 0]) & compact["is_pseudo"][:, None, None]
-    assert torch.equal(expanded["flow_valid"][:, 0], valid)
+    assert torch.equal(expanded["flow_valid"], compact["flow_valid"])
+    assert not compact["flow_valid"][~compact["is_pseudo"]].any()
+
+
+def test_planar_images_match_the_decoded_jpeg(shards):
+    shard_dir, manifest = shards
+    compact = next(loader(shard_dir, shuffle=False).compact_batches())
+    info = manifest["splits"]["train"]["shards"][0]
+    with tarfile.open(shard_dir / info["name"]) as tar:
+        data = tar.extractfile(f"{compact['key'][0]}.image.jpg").read()
+    assert torch.equal(compact["image"][0].permute(1, 2, 0), torch.from_numpy(decode_jpeg(data)))
+
+
+def test_the_device_path_expands_like_the_cpu_path(shards):
+    """expand_with_torch is what runs on an accelerator (device="cuda"); here it runs on CPU tensors."""
+    shard_dir, _ = shards
+    for mode in ("train", "both"):
+        raw = next(loader(shard_dir, mode=mode, real_exemplar_prob=0.5, seed=2).compact_batches())
+        on_cpu, with_torch = expand_on_cpu(raw, "ids", 12), expand_with_torch(raw, "ids", 12)
+        assert on_cpu.keys() == with_torch.keys()
+        for name, tensor in on_cpu.items():
+            assert tensor.dtype == with_torch[name].dtype and tensor.shape == with_torch[name].shape, name
+            torch.testing.assert_close(tensor, with_torch[name], rtol=0, atol=1e-6)
+
+
+def snapshot(batch):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+FIELDS = ("image", "exemplar", "input_map", "exemplar_map", "flow", "flow_valid", "is_pseudo")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_held_batches_are_never_overwritten(shards, workers):
+    """Slots and buffers are reused, but only once no tensor (or view) made from them is left."""
+    shard_dir, _ = shards
+    train = loader(shard_dir, num_workers=workers, batch_size=2, real_exemplar_prob=0.5)
+
+    def epoch(batches):  # epoch 5 every time: every pass yields the same batches
+        train.set_epoch(5)
+        return batches()
+
+    expected = [snapshot(b) for b in epoch(train.__iter__)]  # copied at once: what each batch held when yielded
+    assert len(expected) > SLOTS * max(workers, 1) + 2  # more batches than slots and buffers to reuse
+    held = list(epoch(train.__iter__))
+    compact = list(epoch(train.compact_batches))
+    map_views = [b["input_map"][:, 3] for b in epoch(train.__iter__)]  # a view keeps its buffer too
+    image_views = [b["exemplar"][:1] for b in epoch(train.compact_batches)]
+    for i, want in enumerate(expected):
+        assert held[i]["key"] == compact[i]["key"] == want["key"]
+        for name in FIELDS:
+            assert torch.equal(held[i][name], want[name]), name
+        torch.testing.assert_close(compact[i]["image"].float() / 127.5 - 1, want["image"], rtol=0, atol=1e-6)
+        assert torch.equal(compact[i]["flow"], want["flow"]) and torch.equal(compact[i]["is_pseudo"], want["is_pseudo"])
+        assert torch.equal(map_views[i], want["input_map"][:, 3])
+        assert torch.equal(image_views[i], compact[i]["exemplar"][:1])
+
+
+def test_slots_are_reused_and_all_released(shards):
+    shard_dir, _ = shards
+    train = loader(shard_dir, num_workers=2, batch_size=2)
+    next(iter(train))  # an epoch dropped after one batch: the DataLoader discards the prefetched ones
+    for _ in range(2):
+        pointers = set()
+        for batch in train:
+            pointers.add(batch["image"].data_ptr())
+        del batch
+        assert len(pointers) <= 2  # the model-ready buffers are reused (one held while the next is made)
+        assert not train.slots.state.any()  # every slot was given back, the dropped epoch's too
+
+
+def test_truncated_shard_is_a_clear_error(shards, tmp_path):
+    shard_dir, manifest = shards
+    info = manifest["splits"]["train"]["shards"][0]
+    data = (shard_dir / info["name"]).read_bytes()
+    (tmp_path / info["name"]).write_bytes(data[: len(data) // 2])
+    short = dict(manifest, splits={"train": {"samples": info["samples"], "shards": [info]}})
+    (tmp_path / "manifest.json").write_text(json.dumps(short))
+    with pytest.raises(DataError, match=f"{info['name']}: unreadable tar"):
+        list(loader(tmp_path))

@@ -106,11 +106,29 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg(data: bytes, where: str = "", out: np.ndarray | None = None) -> np.ndarray:
-    """JPEG bytes -> (H, W, 3) uint8 RGB, written into `out` when it has that shape (saves a copy)."""
+def decode_jpeg_bgr(data: bytes, where: str = "") -> np.ndarray:
+    """JPEG bytes -> (H, W, 3) uint8 BGR, OpenCV's own order (for callers that reorder the channels anyway)."""
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if array is None:
         raise DataError(f"{where}: cannot decode JPEG ({len(data)} bytes)")
+    return array
+
+
+def bgr_to_planar_rgb(bgr: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 BGR -> (3, H, W) RGB planes written into `out` (one pass: cv2.split into the planes)."""
+    if out.shape != (3, *bgr.shape[:2]) or out.dtype != np.uint8:
+        raise ValueError(f"planar output must be (3, {bgr.shape[0]}, {bgr.shape[1]}) uint8, "
+                         f"got {out.shape} {out.dtype}")
+    planes = cv2.split(bgr, [out[2], out[1], out[0]])
+    for plane, target in zip(planes, (out[2], out[1], out[0])):
+        if plane.ctypes.data != target.ctypes.data:  # OpenCV allocated instead of writing in place
+            target[...] = plane
+    return out
+
+
+def decode_jpeg(data: bytes, where: str = "", out: np.ndarray | None = None) -> np.ndarray:
+    """JPEG bytes -> (H, W, 3) uint8 RGB, written into `out` when it has that shape (saves a copy)."""
+    array = decode_jpeg_bgr(data, where)
     if out is not None and out.shape == array.shape and out.dtype == np.uint8:
         return cv2.cvtColor(array, cv2.COLOR_BGR2RGB, dst=out)
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)

@@ -16,31 +16,56 @@ Finite mode: shards are split by rank (RANK/WORLD_SIZE, as Ray sets them) then b
 so one epoch over all ranks reads every sample exactly once. Infinite mode resamples shards with
 replacement and cuts each rank's epoch to the same number of batches (what DDP needs).
 Nothing from a shard is unpickled: members are decoded as JPEG, PNG, NPY (allow_pickle=False), JSON.
+
+How a batch travels (tuned on a 2-core VM with benchmarks/loader.py; numbers in benchmarks/README.md):
+* a DataLoader worker reads each tar member with one read (read_tar_samples) and decodes it straight
+  into a slot of shared memory that the main process made before the workers started (SharedSlots):
+  images as planar (3, H, W) uint8 RGB, class ids as uint8, the flow already float32 (0 where invalid)
+  with its validity mask. Only the slot number, keys, meta and pair choices go through the queue.
+* the main process reads the slot in place and writes the model's float images and maps into reused
+  buffers (BufferPool), with single-threaded numpy/OpenCV so it does not compete with the workers; flow
+  and flow_valid are the slot's own tensors. With device=... the compact slot is copied to the device
+  and expanded there instead.
+Reuse never changes a tensor the caller still holds: a slot or buffer is written again only after
+every tensor and view made from it is gone (Lease). Holding many batches (list(loader)) is fine; later
+batches then use fresh memory until some are released. Memory: 4 slots per worker (1.1 MB per sample
+at 256x256, label_nc 12, in /dev/shm) and up to 3 batches of the float tensors (7.5 MB per sample).
 """
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import math
 import multiprocessing
 import os
 import random
+import tarfile
+import threading
+import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
 import torch
 import webdataset as wds
+
+try:  # installed with dvc (dvc-data); 3x faster than json on the samples' meta
+    from orjson import loads as json_loads
+except ImportError:  # pragma: no cover
+    json_loads = json.loads
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.data.config import as_size
 from pipeline.data.errors import DataError
-from pipeline.data.imageio import decode_jpeg, decode_map, decode_npy, read_json
+from pipeline.data.imageio import bgr_to_planar_rgb, decode_jpeg_bgr, decode_map, decode_npy, read_json
 from pipeline.data.schema import MEMBERS, SHARD_FORMAT, stable_hash
 
 MODES = ("train", "both")
 PREFETCH = 2  # batches in flight per DataLoader worker
+SLOTS = PREFETCH + 2  # shared slots per worker: in flight, plus one the caller holds while asking for the next
+ALIGN = 64  # byte alignment of the fields of a slot or buffer
 
 
 # ---------------------------------------------------------------- manifest
@@ -71,6 +96,145 @@ def epoch_shard_order(paths: list[str], seed: int, epoch: int, shuffle: bool) ->
     if shuffle:
         random.Random(stable_hash(seed, "shards", epoch)).shuffle(order)
     return order
+
+
+# ---------------------------------------------------------------- reused memory
+
+
+class Layout:
+    """Named fields of a batch of up to `rows` samples packed into one byte buffer: field `name` holds
+    (rows, *shape) elements of `dtype`; a batch of n <= rows samples uses the first n rows of each."""
+
+    def __init__(self, rows: int, fields: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        self.rows, self.fields, offset = rows, {}, 0
+        for name, shape, dtype in fields:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            self.fields[name] = (offset, tuple(shape), dtype, itemsize)
+            offset += -(-rows * math.prod(shape) * itemsize // ALIGN) * ALIGN
+        self.nbytes = max(offset, ALIGN)
+
+    def tensors(self, buffer: torch.Tensor | np.ndarray, n: int) -> dict[str, torch.Tensor]:
+        """Views of the first n rows of every field of `buffer` (uint8, at least nbytes long). A numpy
+        buffer gives tensors that keep it alive (torch.from_numpy), a torch one views of its storage."""
+        if n > self.rows:
+            raise ValueError(f"batch of {n} in a layout of {self.rows} rows")
+        if isinstance(buffer, np.ndarray):
+            buffer = torch.from_numpy(buffer)
+        out = {}
+        for name, (offset, shape, dtype, itemsize) in self.fields.items():
+            out[name] = buffer[offset : offset + n * math.prod(shape) * itemsize].view(dtype).view(n, *shape)
+        return out
+
+
+class Lease:
+    """A reused buffer exposed to numpy: np.asarray(lease) is an array over it that keeps the lease
+    alive, and so does every view and tensor made from that array (torch.from_numpy holds the array).
+    `release` runs when the last of them is gone (weakref.finalize): only then may the buffer be
+    written again, so reuse never changes a tensor someone still holds."""
+
+    def __init__(self, buffer: np.ndarray, release: Callable[[], None]):
+        self.buffer = buffer  # keeps the memory mapped for as long as any view lives
+        self.__array_interface__ = {"data": (buffer.ctypes.data, False), "shape": (buffer.nbytes,),
+                                    "typestr": "|u1", "version": 3}
+        weakref.finalize(self, release)
+
+
+class BufferPool:
+    """Reused byte buffers: the model-ready batches in the main process, the compact batches of a loader
+    without workers. Why: a fresh array per batch (tens of MB) is handed back to the OS when freed (glibc
+    uses mmap for big blocks) and page-faulted in again on the next batch, which cost as much as writing
+    it. Up to `keep` (>= 1) free buffers (any sizes, the most recently returned) are kept.
+
+    Released buffers come back through a deque (thread-safe, and safe from a release that runs in the
+    middle of lease() when a garbage collection frees a batch); only lease() touches the free list.
+    Free buffers are dropped before the process forks (e.g. DataLoader workers start): kept, they would
+    be copy-on-write, and the next batch written into one would copy it page by page."""
+
+    def __init__(self, keep: int = 2):
+        self.keep, self.free, self.returned = max(1, keep), [], collections.deque()
+        self.lock = threading.Lock()
+        POOLS.add(self)
+
+    def lease(self, nbytes: int) -> Lease:
+        with self.lock:
+            while self.returned:
+                self.free.append(self.returned.popleft())
+            del self.free[: -self.keep]
+            sizes = [b.nbytes for b in self.free]
+            buffer = self.free.pop(sizes.index(nbytes)) if nbytes in sizes else np.empty(nbytes, np.uint8)
+        return Lease(buffer, functools.partial(BufferPool._give_back, self.returned, buffer, self.keep))
+
+    @staticmethod
+    def _give_back(returned: collections.deque, buffer: np.ndarray, keep: int) -> None:
+        returned.append(buffer)
+        while len(returned) > keep:  # atomic deque operations only
+            returned.popleft()
+
+    def drop_free(self) -> None:
+        self.returned.clear()
+        self.free = []
+
+
+POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
+os.register_at_fork(before=lambda: [pool.drop_free() for pool in list(POOLS)])
+
+
+def shared_bytes(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor in new shared memory, pages untouched (share_memory_() would copy into it)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes), 0, (nbytes,), (1,))
+
+
+class SharedSlots:
+    """Shared-memory slots for the compact batches of each DataLoader worker.
+
+    Made by the main process before the workers start, so both sides map them once: a worker decodes
+    straight into one of its free slots and sends only the slot's number; the main process reads it in
+    place. (Sending tensors instead costs a new shared-memory mapping or a file-descriptor transfer plus
+    page faults per batch: more than decoding, on the 2-core VM.)
+
+    state[w, k] is 0 when slot k of worker w is free, else the sequence number of the batch in it. The
+    worker sets it; the main process clears it when the last tensor made from the slot is gone (Lease),
+    or when a later batch of the worker arrives and this one never did (the DataLoader drops the
+    prefetched batches of an epoch that was not read to its end).
+    """
+
+    def __init__(self, workers: int, slots: int, layout: Layout):
+        self.layout, self.slots = layout, slots
+        self.memory = [shared_bytes(slots * layout.nbytes) for _ in range(workers)]
+        self.state = torch.zeros((workers, slots), dtype=torch.int64).share_memory_()
+        self.taken: list[set[int]] = [set() for _ in range(workers)]  # main process: slots it leased
+
+    def acquire(self, worker: int, seq: int) -> int | None:
+        """Worker: a free slot, now holding batch `seq`; None when the caller still holds all of them."""
+        state = self.state[worker].numpy()
+        free = np.flatnonzero(state == 0)
+        if not len(free):
+            return None
+        state[free[0]] = seq
+        return int(free[0])
+
+    def slot(self, worker: int, slot: int) -> torch.Tensor:
+        nbytes = self.layout.nbytes
+        return self.memory[worker][slot * nbytes : (slot + 1) * nbytes]
+
+    def seen(self, worker: int, seq: int) -> None:
+        """Main process: batch `seq` of `worker` arrived; its slots with earlier batches that are not
+        leased here were dropped by the DataLoader and are free again."""
+        state, taken = self.state[worker].numpy(), self.taken[worker]
+        for k in np.flatnonzero((state > 0) & (state < seq)):
+            if int(k) not in taken:
+                state[k] = 0
+
+    def open(self, worker: int, slot: int, n: int) -> dict[str, torch.Tensor]:
+        """Main process: the tensors of the batch in a slot, leased: the slot stays taken while any lives."""
+        self.taken[worker].add(slot)
+        release = functools.partial(SharedSlots._free, self.state[worker].numpy(), self.taken[worker], slot)
+        return self.layout.tensors(np.asarray(Lease(self.slot(worker, slot).numpy(), release)), n)
+
+    @staticmethod
+    def _free(state: np.ndarray, taken: set[int], slot: int) -> None:
+        taken.discard(slot)
+        state[slot] = 0
 
 
 # ---------------------------------------------------------------- pipeline stages (run in each worker)
@@ -111,13 +275,46 @@ class ShardList(IterableDataset):
             yield {"url": url}
 
 
+def tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file of an uncompressed tar, in order. Random access: one read
+    per member (tarfile's stream mode, which webdataset uses, copies members through 10 KB chunks)."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r:")
+        for info in tar:
+            if info.isreg():
+                stream.seek(info.offset_data)
+                data = stream.read(info.size)
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+                yield info.name, data
+            tar.members = []  # keep no headers: shards may hold many members
+    except tarfile.TarError as exc:
+        raise DataError(f"{url}: unreadable tar ({exc})") from None
+
+
 def read_tar_samples(shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
-    """Shard urls -> raw samples {"__key__", "__url__", member suffix: bytes}; each file closed when done."""
+    """Shard urls -> raw samples {"__key__", "__url__", member suffix: bytes}; each file closed when done.
+
+    Members are grouped as WebDataset does: the key is the name up to the first dot of its last path
+    part, the suffix (lower-cased) the rest; consecutive members with one key form a sample."""
     for shard in shards:
         url = shard["url"]
         with open(url, "rb") as stream:
-            files = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-            yield from group_by_keys(files)
+            sample: dict[str, Any] | None = None
+            for name, data in tar_members(stream, url):
+                dot = name.find(".", name.rfind("/") + 1)
+                if dot <= name.rfind("/") + 1:
+                    continue  # no key or no suffix: not a sample member
+                key, suffix = name[:dot], name[dot + 1 :].lower()
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                if suffix in sample:
+                    raise DataError(f"{url}: duplicate member {name}")
+                sample[suffix] = data
+            if sample is not None:
+                yield sample
 
 
 def shuffle_samples(samples: Iterator[dict], buffer_size: int, seed: int) -> Iterator[dict]:
@@ -158,65 +355,65 @@ def uses_pseudo(key: str, real_exemplar_prob: float, seed: int, epoch: int) -> b
     return u >= real_exemplar_prob
 
 
-class BufferRing:
-    """Batch tensors in shared memory, reused round-robin by one DataLoader worker.
+def half_to_float(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float16 -> float32 written into `out`. numpy's cast is ~20x slower than torch's; torch is used only
+    single-threaded (as in DataLoader workers): its OpenMP threads cost milliseconds per call on a busy
+    machine. Otherwise OpenCV, about 7x slower than torch and 3x faster than numpy."""
+    if torch.get_num_threads() == 1:
+        torch.from_numpy(out).copy_(torch.from_numpy(src))
+        return out
+    width = src.shape[-1]
+    result = cv2.multiply(src.reshape(-1, width), 1.0, dst=out.reshape(-1, width), dtype=cv2.CV_32F)
+    if result.ctypes.data != out.ctypes.data:
+        out[...] = result.reshape(out.shape)
+    return out
 
-    Why: handing a fresh tensor to the main process puts it in new shared memory, and faulting in
-    those pages cost more than decoding the images (about 0.7 ms per MB on the 2-core VM). Reused
-    slots stay mapped. Safe because the DataLoader keeps at most prefetch_factor * num_workers
-    batches in flight and the loader turns every batch into new tensors before asking for the next:
-    a slot is rewritten only `slots` batches later (slots >= prefetch_factor * num_workers + 2).
-    """
 
-    def __init__(self, slots: int):
-        self.slots, self.turn, self.tensors = slots, 0, {}
+IMAGES = ("image", "exemplar")
+MAPS = ("input_map", "exemplar_map")
+BOTH_IMAGES = ("pseudo", "real_exemplar")
+BOTH_MAPS = ("pseudo_map", "real_exemplar_map")
 
-    def advance(self) -> None:
-        self.turn = (self.turn + 1) % self.slots
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A (shape) view of this turn's tensor `name` (a partial last batch uses the first rows)."""
-        tensor = self.tensors.get((self.turn, name))
-        if tensor is None or tensor.dtype != dtype or tensor.shape[1:] != shape[1:] or len(tensor) < shape[0]:
-            tensor = self.tensors[(self.turn, name)] = torch.empty(shape, dtype=dtype).share_memory_()
-        return tensor[: shape[0]]
+def compact_layout(rows: int, size: tuple[int, int], *, encoding: str, channels: int, label_nc: int,
+                   mode: str) -> Layout:
+    """The fields of a compact batch (what the workers write; see BatchDecoder)."""
+    both = mode == "both"
+    map_shape = size if encoding == "ids" else (channels, *size)
+    map_dtype = torch.uint8 if encoding != "ids" or label_nc <= 256 else torch.int32
+    return Layout(rows, [(name, (3, *size), torch.uint8) for name in IMAGES + (BOTH_IMAGES if both else ())]
+                  + [(name, map_shape, map_dtype) for name in MAPS + (BOTH_MAPS if both else ())]
+                  + [("flow", (2, *size), torch.float32), ("flow_valid", (1, *size), torch.bool)])
 
 
 class BatchDecoder:
-    """Raw samples (member bytes) -> one compact batch, each member decoded straight into its slot:
+    """Raw samples (member bytes) -> one compact batch, each member decoded straight into its field:
 
-        image, exemplar (+ pseudo, real_exemplar)   (B, H, W, 3) uint8
+        image, exemplar (+ pseudo, real_exemplar)   (B, 3, H, W) uint8 RGB
         input_map, exemplar_map (+ ...)             (B, H, W) uint8/int32 ids or (B, C, H, W) uint8
-        flow                                        (B, 2, H, W) float16, NaN where invalid / real pair
-        is_pseudo (B,) bool;  key, meta             lists
+        flow                                        (B, 2, H, W) float32, 0 where invalid / real pair
+        flow_valid                                  (B, 1, H, W) bool
+    In a worker the fields live in one of its SharedSlots (or, when the caller holds them all, in fresh
+    shared memory) and the batch is sent as a message for ShardLoader.receive; without workers they
+    live in a reused buffer of this process.
     """
 
     def __init__(self, *, encoding: str, channels: int, label_nc: int, mode: str, real_exemplar_prob: float,
                  seed: int, epoch: SharedEpoch, shard_size: tuple[int, int], out_size: tuple[int, int],
-                 ring_slots: int = 0):
+                 layout: Layout, slots: SharedSlots | None = None):
         self.encoding, self.channels, self.label_nc, self.mode = encoding, channels, label_nc, mode
         self.real_exemplar_prob, self.seed, self.epoch = real_exemplar_prob, seed, epoch
-        self.shard_size, self.out_size = shard_size, out_size
-        self.ring_slots, self.ring = ring_slots, None  # the ring is made in the worker that uses it
-
-    def batch_array(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised batch tensor; in a worker it is in shared memory from the start (the IPC
-        would copy it there otherwise), from the ring when reuse is on."""
-        if get_worker_info() is None:
-            return torch.empty(shape, dtype=dtype)
-        if self.ring_slots:
-            return self.ring.get(name, shape, dtype)
-        return torch.empty(shape, dtype=dtype).share_memory_()
-
-    def map_shape(self, n: int) -> tuple[int, ...]:
-        return (n, *self.out_size) if self.encoding == "ids" else (n, self.channels, *self.out_size)
+        self.shard_size, self.out_size, self.layout, self.slots = shard_size, out_size, layout, slots
+        self.seq = 0  # batches made by this process (per worker: each has its own copy)
+        self.pool: BufferPool | None = None
 
     def image_into(self, out: np.ndarray, data: bytes, where: str) -> None:
-        rgb = decode_jpeg(data, where, out=out if self.out_size == self.shard_size else None)
-        if rgb.shape[:2] != self.shard_size:
-            raise DataError(f"{where}: image is {rgb.shape[:2]}, manifest says {self.shard_size}")
+        bgr = decode_jpeg_bgr(data, where)
+        if bgr.shape[:2] != self.shard_size:
+            raise DataError(f"{where}: image is {bgr.shape[:2]}, manifest says {self.shard_size}")
         if self.out_size != self.shard_size:
-            cv2.resize(rgb, self.out_size[::-1], dst=out, interpolation=cv2.INTER_AREA)
+            bgr = cv2.resize(bgr, self.out_size[::-1], interpolation=cv2.INTER_AREA)
+        bgr_to_planar_rgb(bgr, out)
 
     def map_into(self, out: np.ndarray, data: bytes, where: str) -> None:
         array = decode_map(data, self.encoding, self.channels, where)
@@ -231,52 +428,61 @@ class BatchDecoder:
                 np.stack([cv2.resize(c, size, interpolation=flag) for c in array])
         out[...] = array
 
-    def flow_into(self, out: np.ndarray, data: bytes, where: str) -> None:
+    def flow_into(self, out: np.ndarray, valid: np.ndarray, data: bytes, where: str) -> None:
         flow = decode_npy(data, where)
         if flow.dtype != np.float16 or flow.shape != (2, *self.shard_size):
             raise DataError(f"{where}: flow must be float16 (2, {self.shard_size[0]}, {self.shard_size[1]}), "
                             f"got {flow.dtype} {flow.shape}")
         if self.out_size == self.shard_size:
-            out[...] = flow
-            return
-        # Positions scale with the image (pixel centres: p' = (p + 0.5) * s - 0.5); invalid stays NaN.
-        h, w = self.shard_size
-        scale = np.array([self.out_size[0] / h, self.out_size[1] / w], np.float32)[:, None, None]
-        scaled = (flow.astype(np.float32) + 0.5) * scale - 0.5
-        for c in range(2):
-            out[c] = cv2.resize(scaled[c], self.out_size[::-1], interpolation=cv2.INTER_NEAREST)
+            half_to_float(flow, out)
+        else:
+            # Positions scale with the image (pixel centres: p' = (p + 0.5) * s - 0.5); invalid stays NaN.
+            h, w = self.shard_size
+            scale = np.array([self.out_size[0] / h, self.out_size[1] / w], np.float32)[:, None, None]
+            scaled = (half_to_float(flow, np.empty(flow.shape, np.float32)) + 0.5) * scale - 0.5
+            for c in range(2):
+                out[c] = cv2.resize(scaled[c], self.out_size[::-1], interpolation=cv2.INTER_NEAREST)
+        np.isnan(out[:1], out=valid)  # both coordinates are NaN together
+        np.logical_not(valid, out=valid)
+        cv2.patchNaNs(out.reshape(-1, out.shape[-1]), 0.0)
+
+    def fields(self, n: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """-> (tensors to decode into, message fields that say where they are)."""
+        info = get_worker_info()
+        if info is None:  # no workers: a reused buffer of this process
+            self.pool = self.pool or BufferPool()
+            return self.layout.tensors(np.asarray(self.pool.lease(self.layout.nbytes)), n), {}
+        slot = self.slots.acquire(info.id, self.seq) if self.slots is not None else None
+        if slot is not None:
+            return self.layout.tensors(self.slots.slot(info.id, slot), n), {"slot": (info.id, slot, self.seq)}
+        # The caller holds every slot: fresh shared memory, sent by file descriptor (the slow way).
+        return self.layout.tensors(shared_bytes(self.layout.nbytes), n), {"seen": (info.id, self.seq)}
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         n, both = len(samples), self.mode == "both"
-        if self.ring_slots and get_worker_info() is not None:
-            self.ring = self.ring or BufferRing(self.ring_slots)
-            self.ring.advance()
+        self.seq += 1
         keys = [s["__key__"] for s in samples]
         epoch = self.epoch.get()
         pseudo = [uses_pseudo(k, self.real_exemplar_prob, self.seed, epoch) for k in keys]
-        map_dtype = torch.uint8 if self.encoding != "ids" or self.label_nc <= 256 else torch.int32
-        images = ["image", "exemplar"] + (["pseudo", "real_exemplar"] if both else [])
-        maps = ["input_map", "exemplar_map"] + (["pseudo_map", "real_exemplar_map"] if both else [])
-        batch: dict[str, Any] = {name: self.batch_array(name, (n, *self.out_size, 3), torch.uint8) for name in images}
-        batch.update({name: self.batch_array(name, self.map_shape(n), map_dtype) for name in maps})
-        batch["flow"] = self.batch_array("flow", (n, 2, *self.out_size), torch.float16)
-        arrays = {name: t.numpy() for name, t in batch.items()}
+        tensors, message = self.fields(n)
+        arrays = {name: t.numpy() for name, t in tensors.items()}
         metas = []
         for i, sample in enumerate(samples):
             where = f"{sample.get('__url__', '?')}: sample {keys[i]}"
             missing = [m for m in MEMBERS if m not in sample]
             if missing:
                 raise DataError(f"{where}: missing members {missing}")
-            metas.append(json.loads(sample["meta.json"]))
+            metas.append(sample["meta.json"])  # parsed in the main process: bytes pickle ~100x faster than dicts
             self.image_into(arrays["image"][i], sample["image.jpg"], f"{where} image.jpg")
             self.map_into(arrays["input_map"][i], sample["input.png"], f"{where} input.png")
             pair = ("pseudo.jpg", "pseudo_input.png") if pseudo[i] else ("exemplar.jpg", "exemplar_input.png")
             self.image_into(arrays["exemplar"][i], sample[pair[0]], f"{where} {pair[0]}")
             self.map_into(arrays["exemplar_map"][i], sample[pair[1]], f"{where} {pair[1]}")
             if pseudo[i]:
-                self.flow_into(arrays["flow"][i], sample["pseudo_flow.npy"], f"{where} pseudo_flow.npy")
+                self.flow_into(arrays["flow"][i], arrays["flow_valid"][i], sample["pseudo_flow.npy"],
+                               f"{where} pseudo_flow.npy")
             else:
-                arrays["flow"][i] = np.nan
+                arrays["flow"][i], arrays["flow_valid"][i] = 0.0, False
             if both:  # the other pair too (the chosen one is copied, not decoded twice)
                 for image, name, member, map_member in (("pseudo", "pseudo_map", "pseudo.jpg", "pseudo_input.png"),
                                                         ("real_exemplar", "real_exemplar_map", "exemplar.jpg",
@@ -286,8 +492,21 @@ class BatchDecoder:
                     else:
                         self.image_into(arrays[image][i], sample[member], f"{where} {member}")
                         self.map_into(arrays[name][i], sample[map_member], f"{where} {map_member}")
-        batch.update(key=keys, meta=metas, is_pseudo=torch.tensor(pseudo, dtype=torch.bool))
-        return batch
+        message.update(n=n, key=keys, meta=metas, is_pseudo=pseudo, url=[s.get("__url__", "?") for s in samples])
+        if "slot" not in message:
+            message["tensors"] = tensors
+        return message
+
+
+def read_meta(data: bytes, where: str) -> dict[str, Any]:
+    """A sample's meta.json member -> dict (JSON only: nothing is unpickled)."""
+    try:
+        meta = json_loads(data)
+    except ValueError as exc:  # json's and orjson's decode errors are ValueErrors
+        raise DataError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: meta must be a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def keep_as_is(batch: Any) -> Any:
@@ -297,57 +516,116 @@ def keep_as_is(batch: Any) -> Any:
 
 # ---------------------------------------------------------------- main process: model-ready tensors
 
+IMAGE_LUT = np.arange(256, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)  # uint8 -> [-1, 1]
+CHANNEL_LUT = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)  # uint8 -> [0, 1]
+
+
+def lut_into(src: np.ndarray, lut: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = lut[src] for uint8 src, one sample at a time (cv2.LUT: fast, and below OpenCV's threshold
+    for spreading over threads, so it stays on this core)."""
+    for s, o in zip(src, out):
+        width = s.shape[-1]
+        result = cv2.LUT(s.reshape(-1, width), lut, dst=o.reshape(-1, width))
+        if result.ctypes.data != o.ctypes.data:  # OpenCV made a new array instead of writing into `o`
+            o[...] = result.reshape(o.shape)
+    return out
+
+
+def one_hot_into(ids: np.ndarray, label_nc: int, out: np.ndarray) -> np.ndarray:
+    """(B, H, W) class ids -> (B, label_nc, H, W) one-hot floats written into `out` in one pass."""
+    classes = np.arange(label_nc, dtype=ids.dtype).reshape(1, label_nc, 1, 1)
+    return np.equal(ids[:, None], classes, out=out, casting="unsafe")
+
 
 def image_to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     if images.device.type != "cpu":
         return images.permute(0, 3, 1, 2).contiguous().float().mul_(2.0 / 255.0).sub_(1.0)
-    channels_first = images.numpy().transpose(0, 3, 1, 2)
-    out = np.multiply(channels_first, np.float32(2.0 / 255.0), dtype=np.float32, order="C")
-    return torch.from_numpy(np.subtract(out, np.float32(1.0), out=out))
+    channels_first = np.ascontiguousarray(images.numpy().transpose(0, 3, 1, 2))
+    return torch.from_numpy(lut_into(channels_first, IMAGE_LUT, np.empty(channels_first.shape, np.float32)))
 
 
 def map_to_float(maps: torch.Tensor, encoding: str, label_nc: int) -> torch.Tensor:
     """(B, H, W) ids -> one-hot (B, label_nc, H, W); (B, C, H, W) uint8 channels -> float in [0, 1]."""
     if maps.device.type != "cpu":
-        if encoding != "ids":
-            return maps.float().mul_(1.0 / 255.0)
-        one_hot = torch.zeros(maps.shape[0], label_nc, *maps.shape[1:], device=maps.device)
-        return one_hot.scatter_(1, maps.long().unsqueeze(1), 1.0)
+        return maps_with_torch(maps, encoding, label_nc)
     array = maps.numpy()
     if encoding != "ids":
-        return torch.from_numpy(np.multiply(array, np.float32(1.0 / 255.0), dtype=np.float32))
-    classes = np.arange(label_nc, dtype=array.dtype).reshape(1, label_nc, 1, 1)
-    return torch.from_numpy(np.equal(array[:, None], classes).astype(np.float32))
+        return torch.from_numpy(lut_into(array, CHANNEL_LUT, np.empty(array.shape, np.float32)))
+    out = np.empty((array.shape[0], label_nc, *array.shape[1:]), np.float32)
+    return torch.from_numpy(one_hot_into(array, label_nc, out))
 
 
-def to_model_batch(raw: dict[str, Any], encoding: str, label_nc: int,
-                   device: torch.device | str | None = None) -> dict[str, Any]:
-    """Compact batch (uint8 images and maps, float16 flow) -> the model's float tensors on `device`.
+def model_layout(raw: dict[str, Any], encoding: str, label_nc: int, rows: int = 0) -> Layout:
+    """The fields a compact batch is expanded into (images and maps; flow and its mask are model-ready
+    already), for at least `rows` samples (a partial last batch then fits the buffers of the full ones)."""
+    n, size = max(len(raw["key"]), rows), tuple(raw["flow"].shape[-2:])
+    fields = [(name, (3, *size), torch.float32) for name in IMAGES + BOTH_IMAGES if name in raw]
+    for name in MAPS + BOTH_MAPS:
+        if name in raw:
+            channels = label_nc if encoding == "ids" else raw[name].shape[1]
+            fields.append((name, (channels, *size), torch.float32))
+    return Layout(n, fields)
 
-    On the CPU the expansion uses numpy (single-threaded: it must not compete with the workers'
-    cores through OpenMP). On an accelerator only the compact data is copied and expanded there:
-    a one-hot map is 4 * label_nc bytes per pixel, its class ids one byte.
+
+def expand_on_cpu(raw: dict[str, Any], encoding: str, label_nc: int, pool: BufferPool | None = None,
+                  rows: int = 0) -> dict[str, Any]:
+    """Compact batch -> model tensors, written by numpy/OpenCV on this core into one buffer (from `pool`,
+    sized for `rows` samples). Flow and flow_valid are the compact batch's own tensors (already float32
+    and bool): no copy; they keep its slot leased for as long as they live."""
+    layout = model_layout(raw, encoding, label_nc, rows)
+    n = len(raw["key"])
+    buffer = np.asarray(pool.lease(layout.nbytes)) if pool is not None else np.empty(layout.nbytes, np.uint8)
+    batch = layout.tensors(buffer, n)
+    for name, tensor in batch.items():
+        src, out = raw[name].numpy(), tensor.numpy()
+        if name in IMAGES + BOTH_IMAGES:
+            lut_into(src, IMAGE_LUT, out)
+        elif name in MAPS + BOTH_MAPS:
+            one_hot_into(src, label_nc, out) if encoding == "ids" else lut_into(src, CHANNEL_LUT, out)
+    batch["flow"], batch["flow_valid"] = raw["flow"], raw["flow_valid"]
+    return batch
+
+
+def maps_with_torch(maps: torch.Tensor, encoding: str, label_nc: int) -> torch.Tensor:
+    """map_to_float with torch ops on the tensor's device."""
+    if encoding != "ids":
+        return maps.float().mul_(1.0 / 255.0)
+    one_hot = torch.zeros(maps.shape[0], label_nc, *maps.shape[1:], device=maps.device)
+    return one_hot.scatter_(1, maps.long().unsqueeze(1), 1.0)
+
+
+def expand_with_torch(raw: dict[str, Any], encoding: str, label_nc: int) -> dict[str, Any]:
+    """Compact batch -> model tensors with torch ops on the tensors' device (an accelerator)."""
+    batch = {}
+    for name in IMAGES + BOTH_IMAGES:
+        if name in raw:
+            batch[name] = raw[name].float().mul_(2.0 / 255.0).sub_(1.0)
+    for name in MAPS + BOTH_MAPS:
+        if name in raw:
+            batch[name] = maps_with_torch(raw[name], encoding, label_nc)
+    batch["flow"], batch["flow_valid"] = raw["flow"], raw["flow_valid"]
+    return batch
+
+
+def to_model_batch(raw: dict[str, Any], encoding: str, label_nc: int, device: torch.device | str | None = None,
+                   pool: BufferPool | None = None, rows: int = 0) -> dict[str, Any]:
+    """Compact batch (planar uint8 images, uint8 maps, float32 flow + mask) -> the model's tensors on `device`.
+
+    On the CPU the expansion uses numpy and OpenCV on one core (it must not compete with the workers'
+    cores through OpenMP), into a buffer from `pool` when given. On an accelerator only the compact data
+    is copied (through pinned memory on CUDA) and expanded there: a one-hot map is 4 * label_nc bytes per
+    pixel, its class ids one byte. rows: the full batch size (pool buffers fit it).
     """
-    move = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
-    batch = {"key": raw["key"], "meta": raw["meta"], "is_pseudo": move(raw["is_pseudo"])}
-    for name in ("image", "exemplar", "pseudo", "real_exemplar"):
-        if name in raw:
-            batch[name] = image_to_float(move(raw[name]))
-    for name in ("input_map", "exemplar_map", "pseudo_map", "real_exemplar_map"):
-        if name in raw:
-            batch[name] = map_to_float(move(raw[name]), encoding, label_nc)
-    flow = move(raw["flow"])  # float16, NaN where invalid and everywhere for real pairs
-    if flow.device.type == "cpu":
-        array = flow.numpy().astype(np.float32)
-        valid = ~np.isnan(array[:, :1])  # both coordinates are NaN together
-        valid &= raw["is_pseudo"].numpy().reshape(-1, 1, 1, 1)
-        batch["flow_valid"] = torch.from_numpy(valid)
-        batch["flow"] = torch.from_numpy(np.nan_to_num(array, copy=False, nan=0.0))
-    else:
-        flow = flow.float()
-        batch["flow_valid"] = ~torch.isnan(flow[:, :1]) & batch["is_pseudo"].view(-1, 1, 1, 1)
-        batch["flow"] = flow.nan_to_num_(0.0)
+    device = torch.device(device) if device is not None else None
+    batch = {"key": raw["key"], "meta": raw["meta"]}
+    if device is None or device.type == "cpu":
+        batch.update(expand_on_cpu(raw, encoding, label_nc, pool, rows), is_pseudo=raw["is_pseudo"])
+        return batch
+    pin = device.type == "cuda"
+    moved = {name: (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+             for name, t in raw.items() if isinstance(t, torch.Tensor)}
+    batch.update(expand_with_torch(moved, encoding, label_nc), is_pseudo=moved["is_pseudo"])
     return batch
 
 
@@ -378,7 +656,9 @@ class ShardLoader:
         self.epoch_samples = epoch_samples or math.ceil(self.total_samples / world_size)
         self.epoch = 0  # of the next iteration
         self.shared_epoch = SharedEpoch()  # what the workers read
-        self.dataloaders: dict[bool, DataLoader] = {}
+        self.dataloader: DataLoader | None = None  # made on the first epoch, its workers persist
+        self.slots: SharedSlots | None = None
+        self.pool = BufferPool()  # the model-ready batches of __iter__ on the CPU
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -405,13 +685,18 @@ class ShardLoader:
         return sum(math.ceil(sum(self.counts[p] for p in shards[w::workers]) / self.batch_size)
                    for w in range(workers))
 
-    def pipeline(self, reuse_buffers: bool) -> wds.DataPipeline:
+    def layout(self) -> Layout:
+        return compact_layout(self.batch_size, self.image_size, encoding=self.encoding, channels=self.channels,
+                              label_nc=self.label_nc, mode=self.mode)
+
+    def pipeline(self) -> wds.DataPipeline:
         """The per-worker pipeline; it reads the epoch from shared memory, so workers can persist."""
-        workers = self.workers()
+        workers, layout = self.workers(), self.layout()
+        self.slots = SharedSlots(workers, SLOTS, layout) if workers else None
         decoder = BatchDecoder(encoding=self.encoding, channels=self.channels, label_nc=self.label_nc,
                                mode=self.mode, real_exemplar_prob=self.real_exemplar_prob, seed=self.seed,
                                epoch=self.shared_epoch, shard_size=self.shard_size, out_size=self.image_size,
-                               ring_slots=PREFETCH * workers + 2 if reuse_buffers and workers else 0)
+                               layout=layout, slots=self.slots)
         stages = [ShardList(self.paths, self.rank, self.world_size, self.seed, self.shared_epoch, self.shuffle,
                             self.infinite),
                   read_tar_samples]
@@ -423,31 +708,45 @@ class ShardLoader:
             pipeline = pipeline.with_epoch(nbatches=self.batches_per_worker())
         return pipeline
 
-    def batches(self, reuse_buffers: bool) -> Iterator[dict[str, Any]]:
-        """One epoch of compact batches from the (persistent) DataLoader workers."""
+    def receive(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A decoder's message -> the compact batch (tensors over its slot, leased, or the sent tensors)."""
+        if "slot" in message:
+            worker, slot, seq = message["slot"]
+            self.slots.seen(worker, seq)
+            tensors = self.slots.open(worker, slot, message["n"])
+        else:
+            if "seen" in message and self.slots is not None:
+                self.slots.seen(*message["seen"])
+            tensors = message["tensors"]
+        metas = [read_meta(data, f"{url}: sample {key} meta.json")
+                 for data, url, key in zip(message["meta"], message["url"], message["key"])]
+        return {**tensors, "is_pseudo": torch.tensor(message["is_pseudo"], dtype=torch.bool),
+                "key": message["key"], "meta": metas}
+
+    def compact_batches(self) -> Iterator[dict[str, Any]]:
+        """One epoch of batches as the workers make them (see BatchDecoder: (B, 3, H, W) uint8 images, uint8
+        class ids, float32 flow with its mask). Their tensors are views of the workers' shared slots, which
+        are reused only once every tensor from them is gone. iter(loader) gives the model-ready tensors."""
         self.shared_epoch.set(self.epoch)
         self.epoch += 1
         if not self.infinite and not self.paths[self.rank :: self.world_size]:
             return  # this rank has no shard in a finite epoch (fewer shards than ranks)
-        if reuse_buffers not in self.dataloaders:
+        if self.dataloader is None:
             workers = self.workers()
             # No cv2.setNumThreads in forked workers: it tears down the parent's thread pool and deadlocks.
-            self.dataloaders[reuse_buffers] = DataLoader(
-                self.pipeline(reuse_buffers), batch_size=None, collate_fn=keep_as_is, num_workers=workers,
-                prefetch_factor=PREFETCH if workers else None, persistent_workers=workers > 0,
-                pin_memory=self.device is not None and self.device.type == "cuda")
-        yield from self.dataloaders[reuse_buffers]
-
-    def compact_batches(self) -> Iterator[dict[str, Any]]:
-        """One epoch of batches as the workers produce them (see BatchDecoder: (B, H, W, 3) uint8 images,
-        uint8 maps, float16 flow with NaN = invalid). iter(loader) gives the model-ready tensors."""
-        return self.batches(reuse_buffers=False)
+            self.dataloader = DataLoader(self.pipeline(), batch_size=None, collate_fn=keep_as_is,
+                                         num_workers=workers, prefetch_factor=PREFETCH if workers else None,
+                                         persistent_workers=workers > 0)
+        for message in self.dataloader:
+            yield self.receive(message)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Each compact batch is expanded into new tensors before the next is requested: the workers
-        # may reuse its shared memory (BufferRing).
-        for raw in self.batches(reuse_buffers=True):
-            yield to_model_batch(raw, self.encoding, self.label_nc, self.device)
+        cpu = self.device is None or self.device.type == "cpu"
+        for raw in self.compact_batches():
+            batch = to_model_batch(raw, self.encoding, self.label_nc, self.device, self.pool if cpu else None,
+                                   self.batch_size)
+            del raw  # only the batch's flow and flow_valid hold its slot now
+            yield batch
 
 
 def make_loader(shard_dir_or_manifest: str | Path, *, batch_size: int, split: str = "train",
