@@ -1,0 +1,1 @@
+"""CoCosNet pipeline: data, training, tracking, evaluation, registry, inference and the command line."""

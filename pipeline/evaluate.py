@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 import torch
 from mlflow.entities import Metric
+from tqdm import tqdm
 
 from model import CoCosNet
 from model.vgg import VGG19, load_vgg19
@@ -46,6 +47,7 @@ from pipeline.data.loader import make_loader, read_manifest
 from pipeline.data.sources.synthetic import SyntheticSource, render
 from pipeline.params import from_mapping
 from pipeline.train.export import RUN_FILE
+from pipeline.train.grid import sample_grid
 
 CURVE_THRESHOLDS = tuple(float(t) for t in np.arange(0.0, 10.01, 0.5))  # PCK curve (px)
 
@@ -224,10 +226,6 @@ class Evaluation:
 
 def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool = True) -> Evaluation:
     """Run `net` (and its untrained twin) over the split; see the module docstring for the metrics."""
-    from tqdm import tqdm
-
-    from pipeline.train.grid import sample_grid
-
     device = torch.device(cfg.device)
     net = net.to(device).eval()
     manifest, _ = read_manifest(shards)
@@ -262,7 +260,7 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
                 break
             batch = trim(batch, total - seen)
             for name, model in models.items():
-                pseudo, real = run_model(model, batch, scores[name], truth, vgg)
+                _, real = run_model(model, batch, scores[name], truth, vgg)
                 if name == "trained" and grid is None:
                     target = truth.ideal(batch["meta"])[0] if truth is not None else batch["image"]
                     shown = {"input_map": batch["input_map"], "exemplar": batch["real_exemplar"], "image": target}
