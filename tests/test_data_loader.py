@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import shutil
 import tarfile
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import decode_jpeg
-from pipeline.data.loader import SLOTS, expand_on_cpu, expand_with_torch, make_loader
+from pipeline.data.loader import SLOTS, BufferPool, expand_on_cpu, expand_with_torch, make_loader
 from tests.test_data_helpers import build_shards, tiny_shard_config
 
 
@@ -279,17 +280,28 @@ def test_held_batches_are_never_overwritten(shards, workers):
         assert torch.equal(image_views[i], compact[i]["exemplar"][:1])
 
 
-def test_slots_are_reused_and_all_released(shards):
+def test_slots_and_buffers_are_reused_and_all_released(shards, monkeypatch):
     shard_dir, _ = shards
+    new_buffers = []
+    make = BufferPool.new_buffer
+    monkeypatch.setattr(BufferPool, "new_buffer", staticmethod(lambda nbytes: new_buffers.append(nbytes) or make(nbytes)))
     train = loader(shard_dir, num_workers=2, batch_size=2)
     next(iter(train))  # an epoch dropped after one batch: the DataLoader discards the prefetched ones
-    for _ in range(2):
-        pointers = set()
+    for epoch in range(3):
+        before = len(new_buffers)
         for batch in train:
-            pointers.add(batch["image"].data_ptr())
+            pass
         del batch
-        assert len(pointers) <= 2  # the model-ready buffers are reused (one held while the next is made)
         assert not train.slots.state.any()  # every slot was given back, the dropped epoch's too
+        if epoch:
+            assert len(new_buffers) == before  # model-ready buffers are reused, never allocated again
+    images = []
+    for batch in train:  # keeping only the images (as an evaluation does) keeps only their buffers
+        images.append(batch["image"])
+    del batch
+    assert len(images) > 4 and not train.slots.state.any()
+    held = new_buffers[before:]  # new buffers only for the held images: the maps' and exemplars' were reused
+    assert len(images) - 4 <= len(held) <= len(images) and set(held) == {images[0].nbytes}
 
 
 def test_truncated_shard_is_a_clear_error(shards, tmp_path):
@@ -301,3 +313,27 @@ def test_truncated_shard_is_a_clear_error(shards, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(short))
     with pytest.raises(DataError, match=f"{info['name']}: unreadable tar"):
         list(loader(tmp_path))
+
+
+def _sum_in_child(tensors, queue):
+    queue.put([float(t.double().sum()) for t in tensors])
+
+
+def test_held_batches_are_readable_in_forked_children(shards):
+    """Free model-ready buffers are kept out of forked children (no copy-on-write), held ones are not."""
+    shard_dir, _ = shards
+    context = multiprocessing.get_context("fork")
+    train = loader(shard_dir, num_workers=2)
+    for _ in range(2):  # the second batch reuses the first one's buffer, which was free during a fork
+        batch = next(iter(train))
+        tensors = [batch[name] for name in ("image", "input_map", "flow")]
+        queue = context.Queue()
+        child = context.Process(target=_sum_in_child, args=(tensors, queue))
+        child.start()
+        child.join(timeout=60)
+        assert child.exitcode == 0
+        assert queue.get(timeout=10) == [float(t.double().sum()) for t in tensors]
+        del batch, tensors
+        idle = context.Process(target=int)  # a fork while the buffer is free
+        idle.start()
+        idle.join(timeout=60)

@@ -28,8 +28,9 @@ How a batch travels (tuned on a 2-core VM with benchmarks/loader.py; numbers in 
   and expanded there instead.
 Reuse never changes a tensor the caller still holds: a slot or buffer is written again only after
 every tensor and view made from it is gone (Lease). Holding many batches (list(loader)) is fine; later
-batches then use fresh memory until some are released. Memory: 4 slots per worker (1.1 MB per sample
-at 256x256, label_nc 12, in /dev/shm) and up to 3 batches of the float tensors (7.5 MB per sample).
+batches then use fresh memory until some are released. Memory: up to 4 slots per worker (1.06 MiB per
+sample at 256x256 with 12 classes, in /dev/shm), and in the main process the float images and maps of
+the batches held plus 2 kept for reuse (7.5 MiB per sample; BufferPool, one per process).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import collections
 import functools
 import json
 import math
+import mmap
 import multiprocessing
 import os
 import random
@@ -141,18 +143,21 @@ class Lease:
 
 class BufferPool:
     """Reused byte buffers: the model-ready batches in the main process, the compact batches of a loader
-    without workers. Why: a fresh array per batch (tens of MB) is handed back to the OS when freed (glibc
-    uses mmap for big blocks) and page-faulted in again on the next batch, which cost as much as writing
-    it. Up to `keep` (>= 1) free buffers (any sizes, the most recently returned) are kept.
+    without workers. Why: memory freed to the OS and allocated again is page-faulted in again, and on the
+    2-core VM that costs 0.1-3 ms per MB (3 when the host has taken the freed pages back, which it does
+    within a second): as much as writing the batch, or far more. Up to `keep` (>= 1) free buffers (any
+    sizes, the most recently returned) are kept.
 
     Released buffers come back through a deque (thread-safe, and safe from a release that runs in the
     middle of lease() when a garbage collection frees a batch); only lease() touches the free list.
-    Free buffers are dropped before the process forks (e.g. DataLoader workers start): kept, they would
-    be copy-on-write, and the next batch written into one would copy it page by page."""
+    Buffers are anonymous mappings (huge pages where the kernel allows): while the process forks (e.g.
+    DataLoader workers start) the free ones are marked MADV_DONTFORK, so the child does not share them
+    and the parent's next batch in one does not copy it page by page (copy-on-write)."""
 
     def __init__(self, keep: int = 2):
         self.keep, self.free, self.returned = max(1, keep), [], collections.deque()
         self.lock = threading.Lock()
+        self.forking: list[np.ndarray] = []
         POOLS.add(self)
 
     def lease(self, nbytes: int) -> Lease:
@@ -160,9 +165,16 @@ class BufferPool:
             while self.returned:
                 self.free.append(self.returned.popleft())
             del self.free[: -self.keep]
-            sizes = [b.nbytes for b in self.free]
-            buffer = self.free.pop(sizes.index(nbytes)) if nbytes in sizes else np.empty(nbytes, np.uint8)
+            sizes = [b.nbytes for b in self.free]  # the most recently returned fit: its pages are the warmest
+            buffer = self.free.pop(len(sizes) - 1 - sizes[::-1].index(nbytes)) if nbytes in sizes else \
+                self.new_buffer(nbytes)
         return Lease(buffer, functools.partial(BufferPool._give_back, self.returned, buffer, self.keep))
+
+    @staticmethod
+    def new_buffer(nbytes: int) -> np.ndarray:
+        region = mmap.mmap(-1, nbytes)
+        madvise(region, "MADV_HUGEPAGE")
+        return np.frombuffer(region, np.uint8)
 
     @staticmethod
     def _give_back(returned: collections.deque, buffer: np.ndarray, keep: int) -> None:
@@ -170,13 +182,30 @@ class BufferPool:
         while len(returned) > keep:  # atomic deque operations only
             returned.popleft()
 
-    def drop_free(self) -> None:
-        self.returned.clear()
-        self.free = []
+    def before_fork(self) -> None:
+        self.forking = list(self.free) + list(self.returned)
+        for buffer in self.forking:
+            madvise(buffer.base.obj, "MADV_DONTFORK")
+
+    def after_fork_in_parent(self) -> None:
+        for buffer in self.forking:  # a buffer leased later may be shared with a child again, as any memory
+            madvise(buffer.base.obj, "MADV_DOFORK")
+        self.forking = []
+
+
+def madvise(region: mmap.mmap, advice: str) -> None:
+    if hasattr(mmap, advice):
+        try:
+            region.madvise(getattr(mmap, advice))
+        except OSError:  # e.g. huge pages not supported: only a hint
+            pass
 
 
 POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
-os.register_at_fork(before=lambda: [pool.drop_free() for pool in list(POOLS)])
+os.register_at_fork(before=lambda: [pool.before_fork() for pool in list(POOLS)],
+                    after_in_parent=lambda: [pool.after_fork_in_parent() for pool in list(POOLS)])
+MODEL_BUFFERS = BufferPool(keep=16)  # this process's model-ready tensors on the CPU (2 batches of up to 8), shared
+#                                      by its loaders: a new loader (an evaluation, a benchmark run) reuses the pages
 
 
 def shared_bytes(nbytes: int) -> torch.Tensor:
@@ -556,33 +585,38 @@ def map_to_float(maps: torch.Tensor, encoding: str, label_nc: int) -> torch.Tens
     return torch.from_numpy(one_hot_into(array, label_nc, out))
 
 
-def model_layout(raw: dict[str, Any], encoding: str, label_nc: int, rows: int = 0) -> Layout:
-    """The fields a compact batch is expanded into (images and maps; flow and its mask are model-ready
-    already), for at least `rows` samples (a partial last batch then fits the buffers of the full ones)."""
-    n, size = max(len(raw["key"]), rows), tuple(raw["flow"].shape[-2:])
-    fields = [(name, (3, *size), torch.float32) for name in IMAGES + BOTH_IMAGES if name in raw]
+def model_fields(raw: dict[str, Any], encoding: str, label_nc: int) -> dict[str, tuple[int, ...]]:
+    """The float32 fields a compact batch is expanded into (images and maps; flow and its mask are
+    model-ready already), each with its per-sample shape."""
+    size = tuple(raw["flow"].shape[-2:])
+    fields = {name: (3, *size) for name in IMAGES + BOTH_IMAGES if name in raw}
     for name in MAPS + BOTH_MAPS:
         if name in raw:
-            channels = label_nc if encoding == "ids" else raw[name].shape[1]
-            fields.append((name, (channels, *size), torch.float32))
-    return Layout(n, fields)
+            fields[name] = (label_nc if encoding == "ids" else raw[name].shape[1], *size)
+    return fields
 
 
 def expand_on_cpu(raw: dict[str, Any], encoding: str, label_nc: int, pool: BufferPool | None = None,
                   rows: int = 0) -> dict[str, Any]:
-    """Compact batch -> model tensors, written by numpy/OpenCV on this core into one buffer (from `pool`,
-    sized for `rows` samples). Flow and flow_valid are the compact batch's own tensors (already float32
-    and bool): no copy; they keep its slot leased for as long as they live."""
-    layout = model_layout(raw, encoding, label_nc, rows)
+    """Compact batch -> model tensors, written by numpy/OpenCV on this core, each into its own buffer
+    (from `pool`, sized for `rows` samples, so a partial last batch fits the full ones' buffers; one
+    buffer per tensor, so a caller keeping only the images keeps only their memory). Flow and flow_valid
+    are the compact batch's own tensors (already float32 and bool): no copy; they keep its slot leased
+    for as long as they live."""
     n = len(raw["key"])
-    buffer = np.asarray(pool.lease(layout.nbytes)) if pool is not None else np.empty(layout.nbytes, np.uint8)
-    batch = layout.tensors(buffer, n)
-    for name, tensor in batch.items():
-        src, out = raw[name].numpy(), tensor.numpy()
+    batch = {}
+    for name, shape in model_fields(raw, encoding, label_nc).items():
+        nbytes = max(n, rows) * math.prod(shape) * 4
+        buffer = np.asarray(pool.lease(nbytes)) if pool is not None else np.empty(nbytes, np.uint8)
+        out = buffer[: n * math.prod(shape) * 4].view(np.float32).reshape(n, *shape)
+        src = raw[name].numpy()
         if name in IMAGES + BOTH_IMAGES:
             lut_into(src, IMAGE_LUT, out)
-        elif name in MAPS + BOTH_MAPS:
-            one_hot_into(src, label_nc, out) if encoding == "ids" else lut_into(src, CHANNEL_LUT, out)
+        elif encoding == "ids":
+            one_hot_into(src, label_nc, out)
+        else:
+            lut_into(src, CHANNEL_LUT, out)
+        batch[name] = torch.from_numpy(out)
     batch["flow"], batch["flow_valid"] = raw["flow"], raw["flow_valid"]
     return batch
 
@@ -658,7 +692,7 @@ class ShardLoader:
         self.shared_epoch = SharedEpoch()  # what the workers read
         self.dataloader: DataLoader | None = None  # made on the first epoch, its workers persist
         self.slots: SharedSlots | None = None
-        self.pool = BufferPool()  # the model-ready batches of __iter__ on the CPU
+        self.pool = MODEL_BUFFERS  # the model-ready batches of __iter__ on the CPU
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
