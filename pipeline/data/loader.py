@@ -30,7 +30,8 @@ Reuse never changes a tensor the caller still holds: a slot or buffer is written
 every tensor and view made from it is gone (Lease). Holding many batches (list(loader)) is fine; later
 batches then use fresh memory until some are released. Memory: up to 4 slots per worker (1.06 MiB per
 sample at 256x256 with 12 classes, in /dev/shm), and in the main process the float images and maps of
-the batches held plus 2 kept for reuse (7.5 MiB per sample; BufferPool, one per process).
+the batches held (7.5 MiB per sample) plus up to 16 free buffers kept for reuse, about 2 batches in
+mode "both" (BufferPool MODEL_BUFFERS, one per process, shared by its loaders).
 """
 from __future__ import annotations
 
