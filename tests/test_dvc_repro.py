@@ -116,6 +116,9 @@ def test_dvc_exp_run_registers_a_challenger_and_dvc_views_work(repo):
     shown = json.dumps(metrics)
     assert "pck_3" in shown and "promoted" in shown
     plots = json.loads(run([sys.executable, "-m", "dvc", "plots", "show", "--json"], work, env))
-    assert {"reports/eval_pck.csv", "reports/train_losses.csv", "reports/eval_samples.png"} <= set(plots)
+    assert {"pck", "reports/train_losses.csv", "reports/eval_samples.png"} <= set(plots["data"])
+    points = plots["data"]["pck"][0]["content"]["data"]["values"]
+    assert {p["field"] for p in points} == {"trained", "untrained", "identity"}
+    assert len(points) == 3 * 21  # thresholds 0, 0.5, ..., 10 px
     table = run([sys.executable, "-m", "dvc", "exp", "show", "--md"], work, env)
     assert "train.lr" in table and "0.001" in table and "corr.pck_3" in table
