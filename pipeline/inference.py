@@ -300,7 +300,7 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 
 def recorded_task(folder: Path) -> str | None:
-    """The task written in a model folder's run.json (convert-official records it), if any."""
+    """The task written in a model folder's run.json (training and convert-official record it), if any."""
     try:
         task = json.loads((folder / RUN_FILE).read_text()).get("task")
     except (OSError, ValueError, AttributeError):

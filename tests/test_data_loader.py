@@ -316,7 +316,8 @@ def test_truncated_shard_is_a_clear_error(shards, tmp_path):
 
 
 def _sum_in_child(tensors, queue):
-    queue.put([float(t.double().sum()) for t in tensors])
+    # numpy, not torch: a torch op in a child forked after the parent used OpenMP threads can hang (GNU OpenMP)
+    queue.put([float(t.numpy().sum(dtype=np.float64)) for t in tensors])
 
 
 def test_held_batches_are_readable_in_forked_children(shards):
@@ -332,7 +333,7 @@ def test_held_batches_are_readable_in_forked_children(shards):
         child.start()
         child.join(timeout=60)
         assert child.exitcode == 0
-        assert queue.get(timeout=10) == [float(t.double().sum()) for t in tensors]
+        assert queue.get(timeout=10) == [float(t.numpy().sum(dtype=np.float64)) for t in tensors]
         del batch, tensors
         idle = context.Process(target=int)  # a fork while the buffer is free
         idle.start()

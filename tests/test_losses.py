@@ -109,6 +109,7 @@ def test_loss_weight_defaults_are_the_official_deepfashionhd_values():
     assert LossWeights().to_dict() == {
         "gan": 10.0, "gan_feat": 10.0, "vgg": 10.0, "fm_ratio": 1.0, "perceptual": 0.001,
         "contextual": 1.0, "warp_self": 500.0, "warp_cycle": 1.0, "domain": 10.0,
+        "pixel": 0.0,  # not an official term: off unless asked for
     }
 
 
@@ -207,6 +208,16 @@ def test_warp_loss_matches_the_official_formula(vgg):
     torch.testing.assert_close(terms["warp"], expected)
     reg = F.l1_loss(out.cycle, F.avg_pool2d(batch["exemplar"], 8, stride=8))
     torch.testing.assert_close(terms["reg"], reg)
+
+
+def test_pixel_loss_is_the_mean_l1_over_pseudo_samples_only(vgg):
+    batch, out = _batch(is_pseudo=(True, False)), _out()
+    off = dict(vgg=0.0, perceptual=0.0, gan=0.0, gan_feat=0.0, warp_self=0.0, warp_cycle=0.0, domain=0.0)
+    _, terms = _criterion(vgg, pixel=20.0, **off).generator_loss(batch, out)
+    assert set(terms) == {"pixel"}
+    torch.testing.assert_close(terms["pixel"], 20.0 * F.l1_loss(out.image[0], batch["image"][0]))
+    _, none = _criterion(vgg, pixel=20.0, **off).generator_loss(_batch(is_pseudo=(0.0, 0.0)), out)
+    assert none["pixel"].item() == 0.0
 
 
 def test_generator_backward_reaches_outputs_not_discriminator_or_vgg(vgg):

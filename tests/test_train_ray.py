@@ -6,6 +6,7 @@ One Ray for the module; four trainer fits (about 25 s of Ray overhead each here)
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -174,7 +175,8 @@ def test_one_worker_run_is_fully_tracked_in_a_real_mlflow_server(reference, mlfl
         assert all(torch.equal(v, exported.state_dict()[k]) for k, v in loaded.state_dict().items())
     trained = final_state(result)["net"]
     assert all(torch.equal(v, trained[k]) for k, v in exported.state_dict().items())
-    assert (result.model_dir / "run.json").exists()
+    run_info = json.loads((result.model_dir / "run.json").read_text())
+    assert run_info["mlflow_run_id"] == result.run_id and run_info["task"] == "mask"  # inference reads the task
     assert (result.model_dir.parent / "reports" / "train_losses.png").exists()  # curves_path's PNG beside the CSV
 
 

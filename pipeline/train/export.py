@@ -2,7 +2,7 @@
 
     models/state_dict.pt      CoCosNet state dict (torch.save of tensors; load with weights_only=True)
     models/model_config.json  ModelConfig.to_dict()
-    models/run.json           where it came from: MLflow run and model URI, checkpoint, step
+    models/run.json           where it came from: MLflow run and model URI, checkpoint, step, data task
 
 The same two files are the artifacts of the MLflow pyfunc model (pipeline/train/pyfunc_model.py).
 """

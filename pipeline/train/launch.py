@@ -242,7 +242,8 @@ def run_training(params: Mapping[str, Any], *, shards: str | Path = "data/shards
     model_uri = (result.return_value or {}).get("model_uri")
     with result.checkpoint.as_directory() as folder:
         run_info = {"mlflow_run_id": run_id, "tracking_uri": uri, "model_uri": model_uri,
-                    "checkpoint": result.checkpoint.path, "ray_run_dir": f"{storage}/{run_name}"}
+                    "checkpoint": result.checkpoint.path, "ray_run_dir": f"{storage}/{run_name}",
+                    "task": manifest["task"], "source": manifest["source"]}  # inference reads the task
         model_dir = export_checkpoint(folder, base / models_dir, model_cfg, run_info) if models_dir else None
     tracking.end_run(uri, run_id, "FINISHED")
     metrics = dict(result.metrics or {})
