@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import json
 import math
 import time
 import warnings
@@ -46,7 +45,7 @@ from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
 from pipeline.data.loader import make_loader, read_manifest
 from pipeline.data.sources.synthetic import SyntheticSource, render
 from pipeline.params import from_mapping
-from pipeline.train.export import RUN_FILE
+from pipeline.train.export import read_run_info
 from pipeline.train.grid import sample_grid
 
 CURVE_THRESHOLDS = tuple(float(t) for t in np.arange(0.0, 10.01, 0.5))  # PCK curve (px)
@@ -150,14 +149,13 @@ class Scores:
     values: dict[str, list[float]] = field(default_factory=dict)
     outputs: list[torch.Tensor] = field(default_factory=list)  # real-exemplar outputs, for SWD/FID
 
-    def add_flow(self, level: str, predicted: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> None:
-        """Sums for one level; "full" (the finest level) also feeds the PCK curve."""
-        sums = M.flow_error_sums(predicted, truth, valid, self.thresholds)
+    def add_flow(self, level: str, errors: torch.Tensor) -> None:
+        """End-point errors (valid pixels) of one level; "full" (the finest level) also feeds the PCK curve."""
+        sums = M.error_sums(errors, self.thresholds)
         into = self.flow.setdefault(level, dict.fromkeys(sums, 0.0))
         for key, value in sums.items():
             into[key] += value
         if level == "full":
-            errors = M.endpoint_errors(predicted, truth)[valid]
             self.curve += np.array([float((errors <= t).sum()) for t in CURVE_THRESHOLDS])
 
     def add(self, name: str, values: torch.Tensor | Iterable[float]) -> None:
@@ -179,32 +177,35 @@ class Scores:
         return out
 
 
-def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores, truth: SyntheticTruth | None,
-              vgg: VGG19 | None) -> tuple[Any, Any]:
-    """Both passes of one batch through `net`, adding to `scores`. -> (pseudo output, real output)."""
+def flow_errors(positions: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """(B, 2, H, W) matched positions -> end-point errors (px) of the pixels with a valid ground truth."""
+    return M.endpoint_errors(positions, batch["flow"])[batch["flow_valid"]]
+
+
+def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
+              ideal: tuple[torch.Tensor, torch.Tensor, list[list[int]]] | None, vgg: VGG19 | None) -> Any:
+    """Both passes of one batch through `net`, adding to `scores`; ideal: SyntheticTruth.ideal of the batch.
+    -> the real-exemplar output."""
     size = tuple(batch["image"].shape[-2:])
-    valid = batch["flow_valid"]
     pseudo = net(batch["input_map"], batch["pseudo"], batch["pseudo_map"])
     for i, matches in enumerate(pseudo.matches):
-        positions = M.upsample_matches(matches, size)
-        scores.add_flow(f"l{i}", positions, batch["flow"], valid)
-        if i == len(pseudo.matches) - 1:
-            scores.add_flow("full", positions, batch["flow"], valid)
+        errors = flow_errors(M.upsample_matches(matches, size), batch)
+        scores.add_flow(f"l{i}", errors)
+    scores.add_flow("full", errors)  # the finest level
     scores.add("recon/psnr", M.psnr(pseudo.image, batch["image"]))
     scores.add("recon/ssim", M.ssim(pseudo.image, batch["image"]))
     scores.add("recon/l1", M.l1(pseudo.image, batch["image"]))
 
     real = net(batch["input_map"], batch["real_exemplar"], batch["real_exemplar_map"])
-    if truth is not None:
-        ideal, labels, shared = truth.ideal(batch["meta"])
-        ideal, labels = ideal.to(real.image.device), labels.to(real.image.device)
-        scores.add("style/colour_error", M.class_colour_errors(real.image, ideal, labels, shared))
-        scores.add("style/psnr_ideal", M.psnr(real.image, ideal))
+    if ideal is not None:
+        images, labels, shared = ideal
+        scores.add("style/colour_error", M.class_colour_errors(real.image, images, labels, shared))
+        scores.add("style/psnr_ideal", M.psnr(real.image, images))
     if vgg is not None:
         for key, values in M.style_scores(vgg, real.image, batch["real_exemplar"], batch["image"]).items():
             scores.add(f"style/{key}", values)
     scores.outputs.append(real.image.cpu())
-    return pseudo, real
+    return real
 
 
 def untrained_copy(net: CoCosNet, seed: int) -> CoCosNet:
@@ -259,14 +260,16 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
             if seen >= total:
                 break
             batch = trim(batch, total - seen)
+            ideal = None
+            if truth is not None:
+                ideal = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in truth.ideal(batch["meta"]))
             for name, model in models.items():
-                _, real = run_model(model, batch, scores[name], truth, vgg)
+                real = run_model(model, batch, scores[name], ideal, vgg)
                 if name == "trained" and grid is None:
-                    target = truth.ideal(batch["meta"])[0] if truth is not None else batch["image"]
+                    target = ideal[0] if ideal is not None else batch["image"]
                     shown = {"input_map": batch["input_map"], "exemplar": batch["real_exemplar"], "image": target}
                     grid = sample_grid(shown, real.image, real.warped, rows=cfg.grid_rows)
-            identity.add_flow("full", M.identity_positions(size, len(batch["key"])).to(device), batch["flow"],
-                              batch["flow_valid"])
+            identity.add_flow("full", flow_errors(M.identity_positions(size, len(batch["key"])).to(device), batch))
             photos.append(batch["image"].cpu())
             seen += len(batch["key"])
             bar.update(len(batch["key"]))
@@ -327,10 +330,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 def model_run(model_ref: str, tracking_uri: str) -> str | None:
     """The MLflow run a model came from: run.json of an exported folder, else the URI's model info."""
-    folder = Path(model_ref)
-    if folder.is_dir():
-        run_file = folder / RUN_FILE
-        return json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.exists() else None
+    if Path(model_ref).is_dir():
+        return read_run_info(model_ref).get("mlflow_run_id")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -410,10 +411,10 @@ def run_evaluation(params: Mapping[str, Any], *, model_ref: str = "models", shar
 
 
 def say_summary(result: Evaluation, run_id: str | None) -> None:
-    m = result.metrics
+    flat = flatten(result.metrics)
+
     def line(name: str, key: str, fmt: str) -> str:
-        trained = m.get(key.split("/")[0], {}).get(key.split("/")[1])
-        untrained = m.get("untrained", {}).get(key.split("/")[0], {}).get(key.split("/")[1])
+        trained, untrained = flat.get(key), flat.get(f"untrained/{key}")
         parts = [f"trained {trained:{fmt}}" if trained is not None else "trained -"]
         if untrained is not None:
             parts.append(f"untrained {untrained:{fmt}}")

@@ -39,7 +39,7 @@ from pipeline.data.imageio import fit, read_gray, read_label_png, read_photo
 from pipeline.data.loader import image_to_float, map_to_float
 from pipeline.data.maps import as_edge_map, canny_edges
 from pipeline.data.pose import NUM_JOINTS, POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
-from pipeline.train.export import RUN_FILE, read_model_files
+from pipeline.train.export import read_model_files, read_run_info
 
 TASKS = ("mask", "edge", "pose")
 # OpenPose BODY_25 -> COCO-18 joint order (BODY_25 adds MidHip at 8 and six foot points at the end).
@@ -302,8 +302,8 @@ def resolve_device(device: torch.device | str) -> torch.device:
 def recorded_task(folder: Path) -> str | None:
     """The task written in a model folder's run.json (training and convert-official record it), if any."""
     try:
-        task = json.loads((folder / RUN_FILE).read_text()).get("task")
-    except (OSError, ValueError, AttributeError):
+        task = read_run_info(folder).get("task")
+    except (OSError, ValueError):
         return None
     return task if task in TASKS else None
 

@@ -35,10 +35,9 @@ def endpoint_errors(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tenso
     return (predicted.float() - truth.float()).norm(dim=1, keepdim=True)
 
 
-def flow_error_sums(predicted: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor,
-                    thresholds: Sequence[float]) -> dict[str, float]:
-    """Sums over valid pixels: {"count", "epe", "pck_<t>"...}; divide by count for EPE and PCK (fractions)."""
-    errors = endpoint_errors(predicted, truth)[valid]
+def error_sums(errors: torch.Tensor, thresholds: Sequence[float]) -> dict[str, float]:
+    """End-point errors of the valid pixels (1-D) -> sums {"count", "epe", "pck_<t>"...}; divide by count for
+    EPE and PCK (fractions). Sums, so that batches add up."""
     sums = {"count": float(errors.numel()), "epe": float(errors.sum())}
     for t in thresholds:
         sums[f"pck_{t:g}"] = float((errors <= t).sum())

@@ -27,18 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.params import load_params
     from pipeline.registry import RegisterConfig, register_model
     from pipeline.train.config import MlflowConfig
-    from pipeline.train.export import RUN_FILE
+    from pipeline.train.export import RUN_FILE, read_run_info
 
     try:
         params = load_params(args.params)
         cfg = RegisterConfig.from_dict(params.get("register") or {})
         uri = tracking.tracking_uri(MlflowConfig.from_dict(params.get("mlflow") or {}))
-        run_file = Path(args.model) / RUN_FILE
-        try:
-            run = json.loads(run_file.read_text())
-            metrics = json.loads(Path(args.eval).read_text())
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{exc.filename}: not found (run the train and evaluate stages first)") from None
+        run_file, eval_file = Path(args.model) / RUN_FILE, Path(args.eval)
+        for path in (run_file, eval_file):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: not found (run the train and evaluate stages first)")
+        run, metrics = read_run_info(args.model), json.loads(eval_file.read_text())
         if not run.get("model_uri"):
             raise ValueError(f"{run_file}: no MLflow model_uri (was mlflow.log_model false for this training run?)")
         decision = register_model(mlflow.MlflowClient(tracking_uri=uri), run["model_uri"], run.get("mlflow_run_id"),

@@ -65,3 +65,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(train_shards, tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps on `train_shards` (made once per session; tests/tiny_translation.py)."""
+    from tests.tiny_translation import trained_model_dir
+
+    return trained_model_dir(train_shards, tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """Translation inputs on disk: 3 input maps, exemplars and exemplar maps (tests/tiny_translation.py)."""
+    from tests.tiny_translation import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("pairs"), 3)

@@ -13,19 +13,9 @@ from pipeline.data.errors import DataError
 from pipeline.data.imageio import fit
 from pipeline.data.pose import POSE_CHANNELS
 from pipeline.inference import BODY25_TO_COCO18, Translator, figure, load, read_keypoints
-from tests.tiny_translation import LABEL_NC, SIZE, tiny_config, trained_model_dir, write_pairs, write_pose
+from tests.tiny_translation import LABEL_NC, SIZE, tiny_config, write_pose
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(train_shards, tmp_path_factory):
-    return trained_model_dir(train_shards, tmp_path_factory.mktemp("tiny_model"))
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_pairs(tmp_path_factory.mktemp("pairs"), 3)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ def test_upsample_matches_maps_level_pixel_centres_to_full_resolution():
     assert (positions - M.identity_positions((64, 64))).abs().max() <= 1.5 + 1e-6
 
 
-def test_flow_error_sums_counts_only_valid_pixels():
+def test_error_sums_count_only_valid_pixels():
     truth = M.identity_positions((4, 4))
     predicted = truth.clone()
     predicted[0, 1, 0, 0] += 3.0  # 3 px off
@@ -27,7 +27,7 @@ def test_flow_error_sums_counts_only_valid_pixels():
     predicted[0, 0, 3, 3] += 100.0  # invalid pixel: ignored
     valid = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     valid[0, 0, 3, 3] = False
-    sums = M.flow_error_sums(predicted, truth, valid, (1.0, 3.0, 5.0))
+    sums = M.error_sums(M.endpoint_errors(predicted, truth)[valid], (1.0, 3.0, 5.0))
     assert sums["count"] == 15
     assert sums["epe"] == pytest.approx(9.0)
     assert (sums["pck_1"], sums["pck_3"], sums["pck_5"]) == (13, 14, 14)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
+
+from tests.mlflow_server import mlflow_server
 
 pytestmark = pytest.mark.e2e
 
@@ -23,12 +21,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 RUNS = {"lr-0.0002": {"eval/corr/pck_3": 0.0412, "eval/style/colour_error": 121.5},
         "lr-0.001": {"eval/corr/pck_3": 0.0637, "eval/style/colour_error": 97.25}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -67,30 +59,9 @@ def ui_server(tmp_path_factory):
             client.log_metric(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id)
         runs[name] = run.info.run_id
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(work / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                               "--default-artifact-root", (work / "artifacts").as_uri(), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(work / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    with mlflow_server(work, "--backend-store-uri", uri, "--default-artifact-root",
+                       (work / "artifacts").as_uri()) as base:
         yield base, experiment, runs
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def wait_for_text(driver, texts: list[str], timeout: float = 60) -> str:

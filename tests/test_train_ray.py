@@ -8,13 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +20,7 @@ from pipeline.tracking import load_model, manifest_sha256
 from pipeline.train.checkpoint import load_state
 from pipeline.train.launch import TrainingError, local_ray_options, run_training
 from tests.conftest import TRAIN_DATA
+from tests.mlflow_server import mlflow_server as running_mlflow_server
 from tests.test_train_step import TINY_MODEL
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -79,44 +73,13 @@ def local_ray():
     ray.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on 127.0.0.1, one worker, started and stopped by this module."""
     folder = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    server = subprocess.Popen(
-        [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            server.kill()
-            pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    with running_mlflow_server(folder, "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                               "--artifacts-destination", str(folder / "artifacts")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

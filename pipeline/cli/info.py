@@ -67,13 +67,12 @@ def manifest_summary(shards: Path | None) -> dict[str, Any] | None:
 
 
 def run_info(model: str) -> dict[str, Any] | None:
-    from pipeline.train.export import RUN_FILE
+    from pipeline.train.export import read_run_info
 
-    path = Path(model) / RUN_FILE
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        return {"error": f"{path}: invalid JSON"}
+        return read_run_info(model) or None
+    except ValueError as exc:
+        return {"error": str(exc)}
 
 
 def print_text(report: dict[str, Any]) -> None:

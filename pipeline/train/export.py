@@ -29,6 +29,20 @@ def write_model_files(folder: Path, state_dict: Mapping[str, torch.Tensor], cfg:
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
 
 
+def read_run_info(folder: str | Path) -> dict[str, Any]:
+    """A model folder's run.json ({} when it has none, e.g. a hand-made folder); bad JSON is a ValueError."""
+    path = Path(folder) / RUN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path}: invalid JSON") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return info
+
+
 def export_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
                  run_info: Mapping[str, Any]) -> Path:
     """Write out_dir atomically: a sibling temp folder is filled, then swapped in (readers never see half)."""
