@@ -84,7 +84,8 @@ class ModelConfig:
         d = dict(d)
         legacy = d.pop("correspondence", "patchmatch")  # model_config.json written before `version` existed
         if legacy != "patchmatch":
-            raise ValueError(f"correspondence {legacy!r} was removed (a v2 ablation, not v1); CoCosNet v1 is version: 1")
+            raise ValueError(f"correspondence {legacy!r} was removed (it was a v2 ablation, not v1); "
+                             "CoCosNet v1 is version: 1")
         if "image_size" in d:
             d["image_size"] = tuple(d["image_size"])
         return cls(**d)

@@ -29,7 +29,7 @@ def patch_features(x: torch.Tensor, kernel: int, center_channels: bool) -> torch
 
 def attend(attention: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """attention (B, N, M) rows over the M positions of values (B, C, M) -> (B, C, N)."""
-    return torch.matmul(attention, values.transpose(1, 2)).transpose(1, 2)
+    return torch.matmul(attention, values.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
 def warp_patches(attention: torch.Tensor, image: torch.Tensor, scale: int) -> torch.Tensor:
