@@ -89,7 +89,7 @@ def _load(net: CoCosNet, state: Mapping[str, torch.Tensor], what: str) -> CoCosN
 # Options of the official v1 code that change the architecture or the inference forward in ways this port
 # does not implement, with the value every released model uses.
 _V1_FIXED = {"warp_stride": 4, "use_coordconv": False, "adaptor_res_deeper": False, "adaptor_se": False,
-             "eqlr_sn": False, "mask_noise": False, "noise_for_mask": False, "show_corr": False}
+             "eqlr_sn": False, "mask_noise": False, "noise_for_mask": False}
 # The official trunk's residual blocks name their layers; ours (shared with v2) index a Sequential, whose
 # PReLU is also registered as `relu` (one parameter under two keys).
 _V1_TRUNK_KEYS = {"conv1": ("model.1",), "conv2": ("model.5",), "prelu": ("relu", "model.3")}
