@@ -14,14 +14,24 @@ from .cocosnet import CoCosNet
 from .config import ModelConfig
 
 
+def _need(opt: Mapping[str, Any], key: str) -> Any:
+    if key not in opt:
+        raise ValueError(f"official options lack {key!r}")
+    return opt[key]
+
+
+def _sizes(opt: Mapping[str, Any], image_size: tuple[int, int] | None) -> tuple[tuple[int, int], int]:
+    """(image size: the given one, else the options' crop size and aspect ratio; input-map channels)."""
+    label_nc = opt.get("semantic_nc") or int(_need(opt, "label_nc")) + int(bool(opt.get("contain_dontcare_label")))
+    if image_size is None:
+        crop = int(_need(opt, "crop_size"))
+        image_size = (int(round(crop / float(opt.get("aspect_ratio", 1.0)))), crop)
+    return image_size, int(label_nc)
+
+
 def config_from_official(opt: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> ModelConfig:
     """Translate the official option dict (``opt.txt``/``opt.pkl`` values) into a ModelConfig."""
-    def need(key):
-        if key not in opt:
-            raise ValueError(f"official options lack {key!r}")
-        return opt[key]
-
-    if need("netCorr") != "NoVGGHPM":
+    if _need(opt, "netCorr") != "NoVGGHPM":
         raise ValueError(f"only netCorr 'NoVGGHPM' (CoCosNet v2) is supported, got {opt['netCorr']!r}")
     if int(opt.get("match_kernel", 1)) != 1:
         raise ValueError(f"only match_kernel 1 is supported, got {opt['match_kernel']}")
@@ -29,18 +39,15 @@ def config_from_official(opt: Mapping[str, Any], image_size: tuple[int, int] | N
         raise ValueError("only PONO checkpoints are supported (every released CoCosNet-v2 model uses --PONO)")
     if "spectral" not in opt.get("norm_G", "spectral") or "spectral" not in opt.get("norm_E", "spectral"):
         raise ValueError("only spectral-normalised generators/adaptors are supported (norm_G/norm_E 'spectral...')")
-    label_nc = opt.get("semantic_nc") or int(need("label_nc")) + int(bool(opt.get("contain_dontcare_label")))
-    if image_size is None:
-        crop = int(need("crop_size"))
-        image_size = (int(round(crop / float(opt.get("aspect_ratio", 1.0)))), crop)
+    image_size, label_nc = _sizes(opt, image_size)
     return ModelConfig(
         image_size=image_size,
-        label_nc=int(label_nc),
-        nef=int(need("nef")),
-        ngf=int(need("ngf")),
+        label_nc=label_nc,
+        nef=int(_need(opt, "nef")),
+        ngf=int(_need(opt, "ngf")),
         ndf=int(opt.get("ndf", 64)),
-        patchmatch_iters=int(need("iteration_count")),
-        temperature=float(need("temperature")),
+        patchmatch_iters=int(_need(opt, "iteration_count")),
+        temperature=float(_need(opt, "temperature")),
         pono=True,
         pono_c=bool(opt.get("PONO_C", False)),
         adaptor_kernel=int(opt.get("featEnc_kernel", 3)),
@@ -97,11 +104,6 @@ _V1_TRUNK_KEYS = {"conv1": ("model.1",), "conv2": ("model.5",), "prelu": ("relu"
 
 def config_from_official_v1(opt: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> ModelConfig:
     """Translate the official CoCosNet (v1) option dict (opt.txt/opt.pkl values) into a ModelConfig."""
-    def need(key):
-        if key not in opt:
-            raise ValueError(f"official options lack {key!r}")
-        return opt[key]
-
     if "netCorr" in opt or "iteration_count" in opt:
         raise ValueError("these are CoCosNet-v2 options (netCorr/iteration_count); use from_official")
     for key, value in _V1_FIXED.items():
@@ -117,16 +119,13 @@ def config_from_official_v1(opt: Mapping[str, Any], image_size: tuple[int, int] 
     generator_input = opt.get("CBN_intype", "warp_mask")
     if generator_input not in ("warp_mask", "warp"):
         raise ValueError(f"CBN_intype {generator_input!r} is not supported (warp_mask or warp)")
-    label_nc = opt.get("semantic_nc") or int(need("label_nc")) + int(bool(opt.get("contain_dontcare_label")))
-    if image_size is None:
-        crop = int(need("crop_size"))
-        image_size = (int(round(crop / float(opt.get("aspect_ratio", 1.0)))), crop)
+    image_size, label_nc = _sizes(opt, image_size)
     warp_upsample = "patch" if opt.get("warp_patch") else "bilinear" if opt.get("warp_bilinear") else "nearest"
     return ModelConfig(
         version=1,
         image_size=image_size,
-        label_nc=int(label_nc),
-        ngf=int(need("ngf")),
+        label_nc=label_nc,
+        ngf=int(_need(opt, "ngf")),
         ndf=int(opt.get("ndf", 64)),
         temperature=0.01,  # the forward's default; no option sets it
         pono=True,
