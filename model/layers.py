@@ -71,7 +71,8 @@ class SPADE(nn.Module):
     def __init__(self, channels: int, cond_channels: int, hidden: int = 128, pono: bool = True,
                  pono_eps: float = 1e-8):
         super().__init__()
-        self.norm = functools.partial(positional_norm, eps=pono_eps) if pono else nn.InstanceNorm2d(channels, affine=False)
+        self.norm = (functools.partial(positional_norm, eps=pono_eps) if pono
+                     else nn.InstanceNorm2d(channels, affine=False))
         self.mlp_shared = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(cond_channels, hidden, 3), nn.ReLU())
         self.pad = nn.ReflectionPad2d(1)
         self.mlp_gamma = nn.Conv2d(hidden, channels, 3)

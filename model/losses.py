@@ -147,7 +147,7 @@ class LossWeights:
     perceptual: float = 0.001  # MSE at relu4_2
     perceptual_r52: float = 0.0  # MSE at relu5_2 (v1's --which_perceptual 5_2, e.g. ADE20k with 0.01)
     contextual: float = 1.0  # contextual loss, relative to vgg
-    warp_self: float = 500.0  # warped exemplar vs target on pseudo pairs, every level
+    warp_self: float = 500.0  # warped exemplar vs target on pseudo pairs, every level (v1: its full-resolution warp)
     warp_cycle: float = 1.0  # exemplar -> input -> exemplar warp vs exemplar
     domain: float = 10.0  # L1 between the two domain adaptors' features (official weight_novgg_featpair)
     pixel: float = 0.0  # L1 between output and target on pseudo pairs (not in the official code: 0 there)

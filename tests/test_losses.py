@@ -204,7 +204,9 @@ def _official_warp_mask_loss(warp_mask, input_label, ref_label):
 
 def test_warp_mask_loss_matches_the_official_formula():
     g = torch.Generator().manual_seed(3)
-    blocks = lambda high: torch.randint(0, high, (B, 1, 8, 8), generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)  # noqa: E731
+    def blocks(classes):  # (B, 1, 32, 32) class ids in 4x4 blocks
+        return torch.randint(0, classes, (B, 1, 8, 8), generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
+
     input_label, ref_label = blocks(5), blocks(3)  # classes 3 and 4 are missing from the exemplar
     one_hot = lambda t: F.one_hot(t[:, 0], 5).permute(0, 3, 1, 2).float()  # noqa: E731
     warp_mask = torch.softmax(torch.randn(B, 5, 8, 8, generator=g), dim=1).requires_grad_(True)

@@ -31,9 +31,9 @@ def official_inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     opt = case["opt"]
     if opt["dataset_mode"] in ONE_HOT_FREE_MODES:
         maps = [u8[k].float().div(255) for k in ("label", "label_ref")]
-    else:
-        one_hot = lambda t: torch.zeros(t.shape[0], opt["semantic_nc"], *t.shape[2:]).scatter_(1, t.long(), 1.0)  # noqa: E731
-        maps = [one_hot(u8[k]) for k in ("label", "label_ref")]
+    else:  # the official scatter_ of the class ids into semantic_nc channels
+        maps = [torch.zeros(t.shape[0], opt["semantic_nc"], *t.shape[2:]).scatter_(1, t.long(), 1.0)
+                for t in (u8["label"], u8["label_ref"])]
     return maps[0], u8["ref"].float().div(255).sub(0.5).div(0.5), maps[1]
 
 

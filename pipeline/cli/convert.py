@@ -1,4 +1,4 @@
-"""`cocosnet convert-official`: official CoCosNet-v2 or CoCosNet (v1) checkpoints -> a model folder `translate` loads."""
+"""`cocosnet convert-official`: official CoCosNet-v2 or v1 checkpoints -> a model folder `translate` loads."""
 from __future__ import annotations
 
 import argparse
