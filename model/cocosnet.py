@@ -10,6 +10,7 @@ from .config import ModelConfig
 from .correspondence import Correspondence
 from .generator import SPADEGenerator
 from .layers import init_xavier
+from .v1 import CorrespondenceV1, GeneratorV1
 
 
 @dataclass
@@ -20,17 +21,23 @@ class CoCosNetOutput:
     cycle: torch.Tensor | None  # (B, 3, h0, w0) exemplar -> input -> exemplar (training only)
     candidates: list[torch.Tensor]  # per PatchMatch level (B, h*w, K) flat candidate indices
     domain_features: list[tuple[torch.Tensor, torch.Tensor]] | None  # L_domain pairs, when a target is given
+    warp_mask: torch.Tensor | None = None  # v1: (B, label_nc, H/4, W/4) the exemplar map warped
 
 
 class CoCosNet(nn.Module):
-    """Holds the correspondence network and the generator (discriminator and VGG live beside it)."""
+    """Holds the correspondence network and the generator (discriminator and VGG live beside it):
+    CoCosNet v2 by default, CoCosNet v1 (model/v1/) for ``cfg.version == 1``."""
 
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
-        self.corr = Correspondence(cfg)
-        num_warps = 4 if cfg.correspondence == "patchmatch" else 1
-        self.generator = SPADEGenerator(cfg.image_size, cfg.label_nc, num_warps, cfg.ngf, cfg.spade_hidden, cfg.pono)
+        if cfg.version == 1:
+            self.corr = CorrespondenceV1(cfg)
+            self.generator = GeneratorV1(cfg.image_size, cfg.label_nc, cfg.ngf, cfg.spade_hidden, cfg.pono,
+                                         cfg.generator_input == "warp_mask", cfg.attention)
+        else:
+            self.corr = Correspondence(cfg)
+            self.generator = SPADEGenerator(cfg.image_size, cfg.label_nc, 4, cfg.ngf, cfg.spade_hidden, cfg.pono)
         init_xavier(self)
 
     def correspondence(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
@@ -47,7 +54,8 @@ class CoCosNet(nn.Module):
         target (x_B, optional) adds the domain-alignment feature pairs used by L_domain."""
         corr = self.correspondence(input_map, exemplar, exemplar_map, target)
         image = self.generate(input_map, corr.warped)
-        return CoCosNetOutput(image, corr.warped, corr.matches, corr.cycle, corr.candidates, corr.domain_features)
+        return CoCosNetOutput(image, corr.warped, corr.matches, corr.cycle, corr.candidates, corr.domain_features,
+                              getattr(corr, "warp_mask", None))
 
     def _check_inputs(self, input_map, exemplar, exemplar_map) -> None:
         h, w = self.cfg.image_size

@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-Correspondence = Literal["patchmatch", "global"]
+WarpUpsample = Literal["nearest", "bilinear", "patch"]
+GeneratorInput = Literal["warp_mask", "warp"]
 
 
 @dataclass(frozen=True)
@@ -13,14 +14,16 @@ class ModelConfig:
     """Architecture of the correspondence network, the generator and the discriminator.
 
     Defaults are the official CoCosNet-v2 DeepFashionHD configuration, except the image size.
+    ``version=1`` builds CoCosNet v1 (model/v1/); its own fields (at the end) default to the official
+    ADE20k command, and ``ngf`` sets every width of it, as in the official code.
     """
 
     image_size: tuple[int, int] = (256, 256)  # (H, W), each a multiple of 32
     label_nc: int = 20  # channels of the input-domain map x_A (one-hot classes, edges, pose)
-    nef: int = 32  # width of the domain adaptors (feature pyramid)
+    nef: int = 32  # width of the domain adaptors (feature pyramid); v2 only
     ngf: int = 64  # width of the generator
     ndf: int = 64  # width of the discriminator
-    correspondence: Correspondence = "patchmatch"  # "patchmatch" = v2, "global" = v1
+    version: int = 2  # 2: CoCosNet v2 (CVPR 2021, PatchMatch); 1: CoCosNet (CVPR 2020, full attention at H/4)
     patchmatch_iters: int = 5
     search_window: int = 4  # per side; candidates = search_window ** 2
     search_dilation: int = 2
@@ -31,31 +34,41 @@ class ModelConfig:
     spade_hidden: int = 128
     num_d: int = 2  # discriminators in the multiscale PatchGAN
     n_layers_d: int = 4
-    official_compat: bool = False  # reproduce the official forward exactly (integer PatchMatch)
+    official_compat: bool = False  # reproduce the official forward exactly (integer PatchMatch); v2 only
+    # --- CoCosNet v1 only (the official option in brackets)
+    match_kernel: int = 3  # [--match_kernel] side of the feature patches the correlation compares
+    match_channels: int = 256  # width of the theta/phi matching features (official inter_channels)
+    maskmix: bool = True  # [--maskmix] the maps join the adaptor features in the correspondence trunk
+    warp_upsample: WarpUpsample = "nearest"  # H/4 warp -> H: nearest, bilinear [--warp_bilinear], patch [--warp_patch]
+    warp_mask: bool = True  # [--warp_mask_losstype direct] also warp the exemplar map (warp-mask loss)
+    adaptor_nonlocal: bool = False  # [--adaptor_nonlocal] self-attention in the domain adaptors
+    attention: bool = True  # [--use_attention] self-attention in the generator and the discriminator
+    generator_input: GeneratorInput = "warp_mask"  # [--CBN_intype] SPADE condition: warp + input map, or the warp
 
     def __post_init__(self) -> None:
         h, w = self.image_size
         if h % 32 or w % 32 or h < 64 or w < 64:
             # The generator starts at H/32, where SPADE's reflection padding needs at least 2 pixels.
             raise ValueError(f"image_size must be multiples of 32 and at least 64, got {self.image_size}")
-        if self.correspondence not in ("patchmatch", "global"):
-            raise ValueError(f"correspondence must be 'patchmatch' or 'global', got {self.correspondence!r}")
+        if self.version not in (1, 2):
+            raise ValueError(f"version must be 1 (CoCosNet) or 2 (CoCosNet v2), got {self.version!r}")
         if self.label_nc < 1:
             raise ValueError(f"label_nc must be >= 1, got {self.label_nc}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.patchmatch_iters < 1:
             raise ValueError(f"patchmatch_iters must be >= 1, got {self.patchmatch_iters}")
+        if self.match_kernel < 1 or self.match_kernel % 2 == 0:
+            raise ValueError(f"match_kernel must be odd and >= 1, got {self.match_kernel}")
+        if self.warp_upsample not in ("nearest", "bilinear", "patch"):
+            raise ValueError(f"warp_upsample must be 'nearest', 'bilinear' or 'patch', got {self.warp_upsample!r}")
+        if self.generator_input not in ("warp_mask", "warp"):
+            raise ValueError(f"generator_input must be 'warp_mask' or 'warp', got {self.generator_input!r}")
         object.__setattr__(self, "image_size", (int(h), int(w)))
 
     @property
     def num_candidates(self) -> int:
         return self.search_window**2
-
-    @property
-    def num_levels(self) -> int:
-        """Pyramid levels used: H/8, H/4, H/2, H for v2; H/8, H/4 for v1 (matching at H/4)."""
-        return 4 if self.correspondence == "patchmatch" else 2
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -64,11 +77,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"correspondence"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         d = dict(d)
+        legacy = d.pop("correspondence", "patchmatch")  # model_config.json written before `version` existed
+        if legacy != "patchmatch":
+            raise ValueError(f"correspondence {legacy!r} was removed (it was a v2 ablation, not v1); "
+                             "CoCosNet v1 is version: 1")
         if "image_size" in d:
             d["image_size"] = tuple(d["image_size"])
         return cls(**d)

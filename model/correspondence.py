@@ -1,5 +1,5 @@
-"""Cross-domain correspondence: domain-aligned feature pyramid, full attention at the coarsest
-level, then hierarchical PatchMatch (v2); or one full-attention level at H/4 (v1)."""
+"""Cross-domain correspondence (v2): domain-aligned feature pyramid, full attention at the coarsest
+level, then hierarchical PatchMatch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,23 +71,16 @@ class Correspondence(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        nf, levels = cfg.nef, cfg.num_levels
-        adaptor = dict(nf=nf, kernel=cfg.adaptor_kernel, hidden=cfg.spade_hidden, pono=cfg.pono, num_levels=levels)
+        nf = cfg.nef
+        adaptor = dict(nf=nf, kernel=cfg.adaptor_kernel, hidden=cfg.spade_hidden, pono=cfg.pono)
         self.adaptive_model_seg = DomainAdaptor(cfg.label_nc, **adaptor)
         self.adaptive_model_img = DomainAdaptor(cfg.label_nc + 3, **adaptor)
-        if cfg.correspondence == "patchmatch":
-            level_ch = [4 * nf, 4 * nf, 2 * nf, nf]
-            match_ch = nf
-        else:  # v1 matches the H/4 features at full adaptor width
-            level_ch = [4 * nf, 4 * nf]
-            match_ch = 4 * nf
-        self.match_levels = [0, 1, 2, 3] if cfg.correspondence == "patchmatch" else [1]
-        for i in self.match_levels:
-            self.add_module(f"theta_{i}", nn.Conv2d(level_ch[i], match_ch, 1))
-            self.add_module(f"phi_{i}", nn.Conv2d(level_ch[i], match_ch, 1))
-        if cfg.correspondence == "patchmatch":
-            self.patch_match = PatchMatchGRU(match_ch, cfg.num_candidates, cfg.patchmatch_iters, cfg.temperature,
-                                             cfg.official_compat)
+        level_ch = [4 * nf, 4 * nf, 2 * nf, nf]
+        for i, channels in enumerate(level_ch):
+            self.add_module(f"theta_{i}", nn.Conv2d(channels, nf, 1))
+            self.add_module(f"phi_{i}", nn.Conv2d(channels, nf, 1))
+        self.patch_match = PatchMatchGRU(nf, cfg.num_candidates, cfg.patchmatch_iters, cfg.temperature,
+                                         cfg.official_compat)
 
     def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
                 target: torch.Tensor | None = None) -> CorrespondenceOutput:
@@ -100,7 +93,7 @@ class Correspondence(nn.Module):
             domain = list(zip(feats_a, feats_pair))
         center = self.cfg.pono_c
         warped, matches, candidates, cycle, best = [], [], [], None, None
-        for i in self.match_levels:
+        for i in range(len(feats_a)):
             query = matching_features(getattr(self, f"theta_{i}")(feats_a[i]), center)
             key = matching_features(getattr(self, f"phi_{i}")(feats_b[i]), center)
             size = tuple(query.shape[-2:])

@@ -1,6 +1,8 @@
 """Building blocks shared by the domain adaptors and the generator (SPADE family)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,9 +68,11 @@ class SPADE(nn.Module):
     x: (B, C, H, W), cond: (B, C_cond, H', W') -> (B, C, H, W)
     """
 
-    def __init__(self, channels: int, cond_channels: int, hidden: int = 128, pono: bool = True):
+    def __init__(self, channels: int, cond_channels: int, hidden: int = 128, pono: bool = True,
+                 pono_eps: float = 1e-8):
         super().__init__()
-        self.norm = positional_norm if pono else nn.InstanceNorm2d(channels, affine=False)
+        self.norm = (functools.partial(positional_norm, eps=pono_eps) if pono
+                     else nn.InstanceNorm2d(channels, affine=False))
         self.mlp_shared = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(cond_channels, hidden, 3), nn.ReLU())
         self.pad = nn.ReflectionPad2d(1)
         self.mlp_gamma = nn.Conv2d(hidden, channels, 3)
@@ -83,21 +87,22 @@ class SPADE(nn.Module):
 class SPADEResBlock(nn.Module):
     """SPADE residual block with spectral-normalised reflection-padded convolutions.
 
-    x: (B, fin, H, W), cond: (B, C_cond, H', W') -> (B, fout, H, W)
+    x: (B, fin, H, W), cond: (B, C_cond, H', W') -> (B, fout, H, W). ``pono_eps``: 1e-8 in v2, 1e-5 in v1.
     """
 
-    def __init__(self, fin: int, fout: int, cond_channels: int, hidden: int = 128, pono: bool = True):
+    def __init__(self, fin: int, fout: int, cond_channels: int, hidden: int = 128, pono: bool = True,
+                 pono_eps: float = 1e-8):
         super().__init__()
         fmid = min(fin, fout)
         self.learned_shortcut = fin != fout
         self.pad = nn.ReflectionPad2d(1)
         self.conv_0 = spectral_norm(nn.Conv2d(fin, fmid, 3))
         self.conv_1 = spectral_norm(nn.Conv2d(fmid, fout, 3))
-        self.norm_0 = SPADE(fin, cond_channels, hidden, pono)
-        self.norm_1 = SPADE(fmid, cond_channels, hidden, pono)
+        self.norm_0 = SPADE(fin, cond_channels, hidden, pono, pono_eps)
+        self.norm_1 = SPADE(fmid, cond_channels, hidden, pono, pono_eps)
         if self.learned_shortcut:
             self.conv_s = spectral_norm(nn.Conv2d(fin, fout, 1, bias=False))
-            self.norm_s = SPADE(fin, cond_channels, hidden, pono)
+            self.norm_s = SPADE(fin, cond_channels, hidden, pono, pono_eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shortcut = self.conv_s(self.norm_s(x, cond)) if self.learned_shortcut else x

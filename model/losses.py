@@ -1,8 +1,9 @@
-"""CoCosNet-v2 training losses: VGG feature matching, perceptual, contextual, hinge GAN with
-discriminator feature matching, domain alignment, cycle warping and warp-to-target.
+"""CoCosNet v2 and v1 training losses: VGG feature matching, perceptual, contextual, hinge GAN with
+discriminator feature matching, domain alignment, cycle warping, warp-to-target and (v1) the warp mask.
 
 The formulas and their normalisations follow the official ``pix2pix_model.compute_generator_loss``
-so that the official loss weights (:class:`LossWeights` defaults) keep their meaning.
+(of both versions, which agree on the shared terms) so that the official loss weights (:class:`LossWeights`
+defaults: the v2 DeepFashionHD command) keep their meaning.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ VGG_LAYERS: tuple[str, ...] = ("r12", "r22", "r32", "r42", "r52")
 # Deeper layers weigh more in feature matching: they carry semantics, shallow ones texture.
 VGG_LAYER_WEIGHTS: tuple[float, ...] = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
 PERCEPTUAL_LAYER = "r42"  # official --which_perceptual 4_2
+PERCEPTUAL_LAYER_R52 = "r52"  # official --which_perceptual 5_2 (the v1 default, used for ADE20k)
 
 
 # ----------------------------------------------------------------------------- contextual loss
@@ -143,11 +145,13 @@ class LossWeights:
     vgg: float = 10.0  # scales both VGG feature matching and the contextual loss
     fm_ratio: float = 1.0  # VGG feature matching, relative to vgg
     perceptual: float = 0.001  # MSE at relu4_2
+    perceptual_r52: float = 0.0  # MSE at relu5_2 (v1's --which_perceptual 5_2, e.g. ADE20k with 0.01)
     contextual: float = 1.0  # contextual loss, relative to vgg
-    warp_self: float = 500.0  # warped exemplar vs target on pseudo pairs, every level
+    warp_self: float = 500.0  # warped exemplar vs target on pseudo pairs, every level (v1: its full-resolution warp)
     warp_cycle: float = 1.0  # exemplar -> input -> exemplar warp vs exemplar
     domain: float = 10.0  # L1 between the two domain adaptors' features (official weight_novgg_featpair)
     pixel: float = 0.0  # L1 between output and target on pseudo pairs (not in the official code: 0 there)
+    mask: float = 0.0  # v1: NLL of the warped exemplar map vs the input's classes (official --weight_mask)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -192,6 +196,24 @@ def pseudo_mean_l1(x: torch.Tensor, y: torch.Tensor, is_pseudo: torch.Tensor) ->
     return (per_sample * p).sum() / p.sum().clamp_min(1.0)
 
 
+def warp_mask_loss(warp_mask: torch.Tensor, input_map: torch.Tensor, exemplar_map: torch.Tensor) -> torch.Tensor:
+    """CoCosNet v1's warp-mask loss: the exemplar's one-hot map warped onto the input should give the
+    input's class at every position. -> scalar.
+
+    warp_mask (B, C, h, w), each position a distribution over classes; input_map, exemplar_map (B, C, H, W)
+    one-hot, nearest-downsampled to (h, w). Positions of class 0 (unknown) and of classes the exemplar lacks
+    are left out; the NLL is averaged over the rest (official ``--warp_mask_losstype direct``).
+    """
+    size = warp_mask.shape[-2:]
+    target = F.interpolate(input_map, size=size, mode="nearest").argmax(1)  # (B, h, w)
+    exemplar = F.interpolate(exemplar_map, size=size, mode="nearest").argmax(1)
+    present = F.one_hot(exemplar.flatten(1), warp_mask.shape[1]).amax(1).bool()  # (B, C) classes in the exemplar
+    weights = (torch.gather(present, 1, target.flatten(1)).view_as(target) & (target != 0)).float()
+    with torch.autocast(device_type=warp_mask.device.type, enabled=False):
+        nll = F.nll_loss(torch.log(warp_mask.float() + 1e-10), target, reduction="none")
+        return (nll * weights).sum() / (weights.sum() + 1e-5)
+
+
 def _resize_to(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Average-pool (B, C, H, W) to like's (h, w); equals avg_pool2d(k=s=H/h) when it divides."""
     return F.adaptive_avg_pool2d(image, like.shape[-2:])
@@ -223,14 +245,18 @@ class CoCosNetLoss(nn.Module):
 
     ``out`` attributes: ``image`` (B, 3, H, W); ``warped`` coarse -> fine list of (B, 3, h, w);
     ``cycle`` (B, 3, h0, w0) or None; ``domain_features`` list of (from input map, from target
-    photo) pairs, already normalised, or None.
+    photo) pairs, already normalised, or None; ``warp_mask`` (v1) or None.
 
-    Every returned term is already weighted; a term whose weight is 0 is absent.
+    ``finest_warp_only``: the warp-to-target term supervises only the last (full-resolution) warp, as
+    CoCosNet v1 does; v2 supervises every level. Every returned term is already weighted; a term whose
+    weight is 0 is absent.
     """
 
-    def __init__(self, weights: LossWeights, vgg: VGG19, discriminator: MultiscaleDiscriminator):
+    def __init__(self, weights: LossWeights, vgg: VGG19, discriminator: MultiscaleDiscriminator,
+                 finest_warp_only: bool = False):
         super().__init__()
         self.weights = weights
+        self.finest_warp_only = finest_warp_only
         self.vgg = vgg.eval().requires_grad_(False)
         self.discriminator = discriminator
 
@@ -251,7 +277,7 @@ class CoCosNetLoss(nn.Module):
         return [[f[:b] for f in d] for d in both], [[f[b:] for f in d] for d in both]
 
     def generator_loss(self, batch: Mapping[str, torch.Tensor], out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp, pixel.
+        """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp, pixel, mask.
 
         Gradients reach ``out``'s tensors, never the VGG or the discriminator.
         """
@@ -261,7 +287,7 @@ class CoCosNetLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
 
         feat_weight, context_weight = w.vgg * w.fm_ratio, w.vgg * w.contextual
-        if feat_weight or w.perceptual or context_weight:
+        if feat_weight or w.perceptual or w.perceptual_r52 or context_weight:
             with torch.no_grad():
                 fixed = self._vgg_features(torch.cat([target, exemplar]))
             b = target.shape[0]
@@ -273,8 +299,10 @@ class CoCosNetLoss(nn.Module):
                     lw * weighted_l1(fake_f[k], target_f[k], sample_weights)
                     for k, lw in zip(VGG_LAYERS, VGG_LAYER_WEIGHTS)
                 )
-            if w.perceptual:
-                terms["perc"] = w.perceptual * F.mse_loss(fake_f[PERCEPTUAL_LAYER], target_f[PERCEPTUAL_LAYER])
+            if w.perceptual or w.perceptual_r52:
+                terms["perc"] = sum(weight * F.mse_loss(fake_f[layer], target_f[layer]) for weight, layer in
+                                    ((w.perceptual, PERCEPTUAL_LAYER), (w.perceptual_r52, PERCEPTUAL_LAYER_R52))
+                                    if weight)
             if context_weight:
                 terms["context"] = context_weight * vgg_contextual_loss(fake_f, exemplar_f)
 
@@ -299,9 +327,14 @@ class CoCosNetLoss(nn.Module):
 
         warped = getattr(out, "warped", None)
         if w.warp_self and warped:
+            supervised = warped[-1:] if self.finest_warp_only else warped
             terms["warp"] = w.warp_self * sum(
-                weighted_l1(level, _resize_to(target, level), sample_weights) for level in warped
+                weighted_l1(level, _resize_to(target, level), sample_weights) for level in supervised
             )
+
+        warp_mask = getattr(out, "warp_mask", None)
+        if w.mask and warp_mask is not None:
+            terms["mask"] = w.mask * warp_mask_loss(warp_mask, batch["input_map"], batch["exemplar_map"])
 
         return _total(terms, fake), terms
 

@@ -13,20 +13,18 @@ class DomainAdaptor(nn.Module):
 
     The decoder is modulated by the adaptor's own input, so the features keep its layout.
     x: (B, in_ch, H, W) -> [(B, 4nf, H/8, W/8), (B, 4nf, H/4, W/4), (B, 2nf, H/2, W/2), (B, nf, H, W)],
-    each unit-normalised over channels. ``num_levels`` < 4 stops the decoder early.
+    each unit-normalised over channels.
     """
 
-    def __init__(self, in_ch: int, nf: int, kernel: int = 3, hidden: int = 128, pono: bool = True,
-                 num_levels: int = 4):
+    def __init__(self, in_ch: int, nf: int, kernel: int = 3, hidden: int = 128, pono: bool = True):
         super().__init__()
         pad = (kernel - 1) // 2
-        self.num_levels = num_levels
         self.layer1 = SpectralInstanceConv(in_ch, nf, 3, padding=pad)
         self.layer2 = nn.Sequential(SpectralInstanceConv(nf, 2 * nf, 3, padding=1), ResidualBlock(2 * nf))
         self.layer3 = nn.Sequential(SpectralInstanceConv(2 * nf, 4 * nf, kernel, 2, pad), ResidualBlock(4 * nf))
         self.layer4 = nn.Sequential(SpectralInstanceConv(4 * nf, 4 * nf, kernel, 2, pad), ResidualBlock(4 * nf))
         self.layer5 = nn.Sequential(SpectralInstanceConv(4 * nf, 4 * nf, kernel, 2, pad), ResidualBlock(4 * nf))
-        decoder = [(4 * nf, 4 * nf), (4 * nf, 4 * nf), (4 * nf, 2 * nf), (2 * nf, nf)][:num_levels]
+        decoder = [(4 * nf, 4 * nf), (4 * nf, 4 * nf), (4 * nf, 2 * nf), (2 * nf, nf)]
         names = ["head_0", "G_middle_0", "G_middle_1", "G_middle_2"]
         for name, (fin, fout) in zip(names, decoder):
             self.add_module(name, SPADEResBlock(fin, fout, in_ch, hidden, pono))
@@ -40,7 +38,7 @@ class DomainAdaptor(nn.Module):
         x5 = self.layer5(leaky_relu(x4))
         feats = [self.head_0(x5, cond)]
         skips = [x4, x3, x2]
-        blocks = [getattr(self, name) for name in ("G_middle_0", "G_middle_1", "G_middle_2")[: self.num_levels - 1]]
+        blocks = [self.G_middle_0, self.G_middle_1, self.G_middle_2]
         for block, skip in zip(blocks, skips):
             feats.append(block(self.up(feats[-1]) + skip, cond))
         return [channel_normalize(f) for f in feats]

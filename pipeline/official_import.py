@@ -1,6 +1,7 @@
-"""Official CoCosNet-v2 release files -> this project's model folder (what `cocosnet convert-official` does).
+"""Official CoCosNet-v2 / CoCosNet (v1) release files -> this project's model folder (`cocosnet convert-official`).
 
     convert_official("latest_net_Corr.pth", "latest_net_G.pth", "opt.txt", "models/deepfashionhd")
+    convert_official("latest_net_Corr.pth", "latest_net_G.pth", "opt.txt", "models/ade20k-v1", version=1)
 
 The official code saves `torch.save(net.state_dict(), "<epoch>_net_<Corr|G>.pth")` and its options as
 `opt.txt` (printed table) and `opt.pkl` (a pickled argparse.Namespace). Nothing is unpickled beyond
@@ -20,13 +21,14 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from model import ModelConfig
-from model.official import from_official
+from model.official import from_official, from_official_v1
 from pipeline.data.errors import DataError
 from pipeline.train.export import MODEL_CONFIG_FILE, export_model
 
-# dataset_mode of the official options -> the task of this project's data stages
+# dataset_mode of the official options (v2 and v1) -> the task of this project's data stages
 OFFICIAL_TASKS = {"deepfashionhd": "pose", "deepfashion": "pose", "ade20k": "mask", "ade20klayout": "mask",
-                  "cocofull": "mask", "flickr": "mask", "celebahq": "edge", "celebahqedge": "edge"}
+                  "cocofull": "mask", "flickr": "mask", "celebahq": "mask", "celebahqedge": "edge"}
+SOURCES = {1: "official CoCosNet (v1)", 2: "official CoCosNet-v2"}
 
 
 def load_official_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -133,22 +135,28 @@ def _sha256(path: Path) -> str:
 
 
 def convert_official(corr: str | Path, gen: str | Path, opt: str | Path, out: str | Path,
-                     image_size: tuple[int, int] | None = None) -> ModelConfig:
+                     image_size: tuple[int, int] | None = None, version: int = 2) -> ModelConfig:
     """Convert official netCorr + netG checkpoints and their options into a model folder at `out`.
 
-    image_size: (H, W), multiples of 32; default: the options' crop size (512x512 for the released models).
-    `out` is replaced atomically; an existing folder that is not a model folder is refused.
+    version: 2 (CoCosNet-v2, microsoft/CoCosNet-v2) or 1 (CoCosNet, microsoft/CoCosNet).
+    image_size: (H, W), multiples of 32; default: the options' crop size (512x512 for the released v2 models,
+    256x256 for v1). `out` is replaced atomically; an existing folder that is not a model folder is refused.
     """
+    if version not in SOURCES:
+        raise DataError(f"version must be 1 (CoCosNet) or 2 (CoCosNet-v2), got {version!r}")
     out, paths = Path(out), {"corr": Path(corr), "gen": Path(gen), "opt": Path(opt)}
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MODEL_CONFIG_FILE).exists())):
         raise DataError(f"{out}: exists and is not a model folder; choose a new folder (it would be replaced)")
     options = read_official_opt(paths["opt"])
     corr_state, g_state = load_official_state(paths["corr"]), load_official_state(paths["gen"])
     try:
-        net = from_official(corr_state, g_state, options, image_size)
+        net = (from_official_v1 if version == 1 else from_official)(corr_state, g_state, options, image_size)
     except ValueError as exc:
-        raise DataError(f"{paths['corr']}, {paths['gen']} with {paths['opt']}: {exc}") from None
-    run_info = {"source": "official CoCosNet-v2", "task": official_task(options), "name": options.get("name"),
+        hint = ""
+        if version == 2 and "netCorr" not in options:
+            hint = "; these look like CoCosNet v1 options (no netCorr): convert them with --version 1"
+        raise DataError(f"{paths['corr']}, {paths['gen']} with {paths['opt']}: {exc}{hint}") from None
+    run_info = {"source": SOURCES[version], "task": official_task(options), "name": options.get("name"),
                 "which_epoch": options.get("which_epoch"), "dataset_mode": options.get("dataset_mode"),
                 "files": {k: str(p.resolve()) for k, p in paths.items()},
                 "sha256": {k: _sha256(p) for k, p in paths.items()}}

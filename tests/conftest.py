@@ -18,14 +18,24 @@ def fixtures_dir() -> Path:
     return Path(os.environ.get("COCOSNET_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 
 
-@pytest.fixture(scope="session")
-def official_v2_dir() -> Path:
-    path = fixtures_dir() / "official_v2"
-    if not (path / "weights.pt").exists():
+def require_fixture(name: str, marker_file: str, what: str) -> Path:
+    """fixtures_dir()/name, or skip (fail under CI) when its marker file is absent."""
+    path = fixtures_dir() / name
+    if not (path / marker_file).exists():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"official parity fixtures missing at {path}: CI must run the parity tests")
-        pytest.skip(f"official CoCosNet-v2 parity fixtures not found at {path} (set COCOSNET_FIXTURES)")
+        pytest.skip(f"official {what} parity fixtures not found at {path} (set COCOSNET_FIXTURES)")
     return path
+
+
+@pytest.fixture(scope="session")
+def official_v2_dir() -> Path:
+    return require_fixture("official_v2", "weights.pt", "CoCosNet-v2")
+
+
+@pytest.fixture(scope="session")
+def official_v1_dir() -> Path:
+    return require_fixture("official_v1", "case_a.pt", "CoCosNet (v1)")
 
 
 @pytest.fixture(autouse=True)

@@ -260,6 +260,45 @@ def test_convert_official_refuses_unsafe_or_wrong_files(official_files, tmp_path
     assert not (tmp_path / "m").exists()
 
 
+@pytest.fixture(scope="module")
+def official_v1_files(official_v1_dir, tmp_path_factory):
+    """The v1 parity fixture (ADE20k command, ngf 8) as the official code saves a run."""
+    weights = torch.load(official_v1_dir / "weights_a.pt", weights_only=False)
+    opt = torch.load(official_v1_dir / "case_a.pt", weights_only=False)["opt"]
+    opt = {k: v for k, v in opt.items() if k not in ("semantic_nc", "down")}  # set after opt.txt is written
+    folder = tmp_path_factory.mktemp("official_v1")
+    torch.save(weights["netCorr"], folder / "latest_net_Corr.pth")
+    torch.save(weights["netG"], folder / "latest_net_G.pth")
+    (folder / "opt.txt").write_text(official_opt_txt(opt))
+    return folder, weights
+
+
+def test_convert_official_v1_then_translate_a_mask(official_v1_files, pairs, tmp_path, capsys):
+    folder, weights = official_v1_files
+    files = ["--corr", folder / "latest_net_Corr.pth", "--gen", folder / "latest_net_G.pth", "--opt",
+             folder / "opt.txt"]
+    code, _, err = run_cli(capsys, "convert-official", *files, "--out", tmp_path / "m")
+    assert code == 1 and "convert them with --version 1" in err  # v2 is the default
+    out = tmp_path / "ade20k-v1"
+    code, stdout, err = run_cli(capsys, "convert-official", "--version", "1", *files, "--out", out,
+                                "--image-size", "64", "64")
+    assert code == 0, err
+    assert "64x64, label_nc 151, CoCosNet v1, ngf 8" in stdout
+    net = read_model_files(out)
+    assert net.cfg.version == 1 and net.cfg.warp_mask and net.cfg.warp_upsample == "nearest"
+    state = net.state_dict()
+    assert torch.equal(state["corr.layer.1.model.5.bias"], weights["netCorr"]["layer.1.conv2.bias"].float())
+    assert torch.equal(state["generator.attn.gamma"], weights["netG"]["attn.gamma"].float())
+    run = json.loads((out / "run.json").read_text())
+    assert run["task"] == "mask" and run["source"] == "official CoCosNet (v1)"
+    code, _, err = run_cli(capsys, "translate", "--model", out, "--input", pairs["maps"] / "s0.png", "--exemplar",
+                           pairs["photos"] / "s1.jpg", "--exemplar-map", pairs["photo_maps"] / "s1.png",
+                           "--out", tmp_path / "a.png", "--save-warped")
+    assert code == 0, err
+    assert Image.open(tmp_path / "a.png").size == (64, 64)
+    assert [Image.open(tmp_path / f"a_warped_l{i}.png").size for i in (0, 1)] == [(16, 16), (64, 64)]
+
+
 # ---------------------------------------------------------------- info and figure
 
 

@@ -1,6 +1,8 @@
 """Multiscale PatchGAN discriminator: structure, parameter count, gradients."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from model.config import ModelConfig
@@ -72,3 +74,19 @@ def test_gradient_reaches_every_parameter_and_the_image():
     for name, p in d.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert image.grad is not None and image.grad.abs().sum() > 0
+
+
+def test_v1_attention_sits_before_the_last_intermediate_stage():
+    cfg = ModelConfig(version=1, image_size=(64, 64), label_nc=3, ndf=8, num_d=2, n_layers_d=4)
+    d = MultiscaleDiscriminator(cfg)
+    plain = MultiscaleDiscriminator(dataclasses.replace(cfg, attention=False))
+    assert not hasattr(plain.discriminator_0, "attn") and d.discriminator_0.attn.theta.in_channels == 32
+    plain.load_state_dict(d.state_dict(), strict=False)  # same weights apart from the attention
+    input_map, image = torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for da, db in zip(d(input_map, image), plain(input_map, image))
+                   for a, b in zip(da, db))  # gamma starts at 0
+        d.discriminator_0.attn.gamma.fill_(1.0)
+        out, ref = d(input_map, image)[0], plain(input_map, image)[0]
+    assert [f.shape for f in out] == [f.shape for f in ref]
+    assert torch.equal(out[2], ref[2]) and not torch.equal(out[3], ref[3])

@@ -17,6 +17,7 @@ from model.losses import (
     gan_feature_matching,
     hinge_d_loss,
     hinge_g_loss,
+    warp_mask_loss,
 )
 from model.vgg import load_vgg19
 
@@ -110,6 +111,7 @@ def test_loss_weight_defaults_are_the_official_deepfashionhd_values():
         "gan": 10.0, "gan_feat": 10.0, "vgg": 10.0, "fm_ratio": 1.0, "perceptual": 0.001,
         "contextual": 1.0, "warp_self": 500.0, "warp_cycle": 1.0, "domain": 10.0,
         "pixel": 0.0,  # not an official term: off unless asked for
+        "perceptual_r52": 0.0, "mask": 0.0,  # v1 terms, off in the v2 command
     }
 
 
@@ -132,11 +134,11 @@ def vgg():
         return load_vgg19("random", seed=0)
 
 
-def _criterion(vgg_net, **weights) -> CoCosNetLoss:
+def _criterion(vgg_net, finest_warp_only=False, **weights) -> CoCosNetLoss:
     torch.manual_seed(0)
     # The discriminator runs at any size; the config only has to be a valid model size.
     cfg = ModelConfig(image_size=(64, 64), label_nc=LABEL_NC, ndf=8, num_d=2, n_layers_d=3)
-    return CoCosNetLoss(LossWeights(**weights), vgg_net, MultiscaleDiscriminator(cfg))
+    return CoCosNetLoss(LossWeights(**weights), vgg_net, MultiscaleDiscriminator(cfg), finest_warp_only)
 
 
 def _batch(is_pseudo=(1.0, 1.0)) -> dict[str, torch.Tensor]:
@@ -181,10 +183,58 @@ def test_zero_weight_drops_the_term(vgg):
     assert set(terms) == ALL_G_TERMS - {"perc", "domain", "gan", "reg"}
 
 
-def test_v1_outputs_without_cycle_or_domain(vgg):
+def test_outputs_without_cycle_or_domain(vgg):
     criterion = _criterion(vgg, vgg=0.0, perceptual=0.0)  # VGG terms are covered elsewhere
     _, terms = criterion.generator_loss(_batch(), _out(levels=(4,), cycle=False, domain=False))
     assert set(terms) == {"gan", "gan_feat", "warp"}
+
+
+def _official_warp_mask_loss(warp_mask, input_label, ref_label):
+    """The official v1 formula with its per-sample loops, on class ids (B, 1, H, W)."""
+    gt = F.interpolate(input_label.float(), scale_factor=0.25, mode="nearest").long().squeeze(1)
+    ref = F.interpolate(ref_label.float(), scale_factor=0.25, mode="nearest").long().squeeze(1)
+    weights = torch.ones_like(gt, dtype=torch.float32)
+    for i in range(gt.shape[0]):
+        for cls in torch.unique(gt[i]):
+            if cls not in torch.unique(ref[i]) or cls == 0:
+                weights[i][gt[i] == cls] = 0
+    nll = F.nll_loss(torch.log(warp_mask + 1e-10), gt, reduction="none")
+    return (nll * weights).sum() / (weights.sum() + 1e-5)
+
+
+def test_warp_mask_loss_matches_the_official_formula():
+    g = torch.Generator().manual_seed(3)
+    def blocks(classes):  # (B, 1, 32, 32) class ids in 4x4 blocks
+        return torch.randint(0, classes, (B, 1, 8, 8), generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
+
+    input_label, ref_label = blocks(5), blocks(3)  # classes 3 and 4 are missing from the exemplar
+    one_hot = lambda t: F.one_hot(t[:, 0], 5).permute(0, 3, 1, 2).float()  # noqa: E731
+    warp_mask = torch.softmax(torch.randn(B, 5, 8, 8, generator=g), dim=1).requires_grad_(True)
+    loss = warp_mask_loss(warp_mask, one_hot(input_label), one_hot(ref_label))
+    torch.testing.assert_close(loss, _official_warp_mask_loss(warp_mask, input_label, ref_label))
+    loss.backward()
+    excluded = (input_label[:, 0, ::4, ::4] == 0) | (input_label[:, 0, ::4, ::4] >= 3)
+    assert 0 < excluded.float().mean() < 1
+    assert warp_mask.grad.abs().sum(1)[excluded].max() == 0 and warp_mask.grad.abs().sum(1)[~excluded].min() > 0
+
+
+def test_v1_terms(vgg):
+    """v1 supervises only the full-resolution warp, adds the warp-mask loss and may take relu5_2."""
+    batch = _batch(is_pseudo=(True, False))
+    batch["input_map"] = F.one_hot(batch["input_map"].argmax(1), LABEL_NC).permute(0, 3, 1, 2).float()
+    batch["exemplar_map"] = F.one_hot(batch["exemplar_map"].argmax(1), LABEL_NC).permute(0, 3, 1, 2).float()
+    out = _out(levels=(4, 1), cycle=False, domain=False)
+    out.warp_mask = torch.softmax(torch.randn(B, LABEL_NC, H // 4, W // 4), dim=1)
+    criterion = _criterion(vgg, finest_warp_only=True, vgg=0.0, perceptual=0.0, perceptual_r52=0.01, gan=0.0,
+                           gan_feat=0.0, warp_self=100.0, mask=100.0)
+    _, terms = criterion.generator_loss(batch, out)
+    assert set(terms) == {"perc", "warp", "mask"}
+    weights = torch.tensor([1.0, 0.0]).view(-1, 1, 1, 1) / (1.0 + 1e-5)
+    torch.testing.assert_close(terms["warp"], 100.0 * torch.mean((out.warped[-1] - batch["image"]).abs() * weights))
+    torch.testing.assert_close(terms["mask"], 100.0 * warp_mask_loss(out.warp_mask, batch["input_map"],
+                                                                       batch["exemplar_map"]))
+    fake, target = criterion.vgg(out.image, ["r52"])[0], criterion.vgg(batch["image"], ["r52"])[0]
+    torch.testing.assert_close(terms["perc"], 0.01 * F.mse_loss(fake, target))
 
 
 def test_no_pseudo_pairs_zero_pixel_supervision(vgg):

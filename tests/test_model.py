@@ -12,8 +12,8 @@ from model.patchmatch import PatchMatchGRU, pixel_grid, seed_from_coarse
 LABEL_NC = 6
 
 
-def tiny_config(size, mode="patchmatch", **kw) -> ModelConfig:
-    return ModelConfig(image_size=size, label_nc=LABEL_NC, nef=8, ngf=8, correspondence=mode, **kw)
+def tiny_config(size, **kw) -> ModelConfig:
+    return ModelConfig(image_size=size, label_nc=LABEL_NC, nef=8, ngf=8, **kw)
 
 
 def inputs(size, b=1, seed=0):
@@ -31,21 +31,20 @@ def warp_loss(out, target):
     return sum(F.l1_loss(w, F.adaptive_avg_pool2d(target, w.shape[-2:])) for w in out.warped)
 
 
-@pytest.mark.parametrize("mode", ["patchmatch", "global"])
 @pytest.mark.parametrize("size", [(64, 64), (128, 96), (256, 256)])
-def test_forward_backward_shapes(mode, size):
-    cfg = tiny_config(size, mode)
+def test_forward_backward_shapes(size):
+    cfg = tiny_config(size)
     net = CoCosNet(cfg).train()
     x_a, y_b, y_a, x_b = inputs(size, b=2 if size[0] < 256 else 1)
     out = net(x_a, y_b, y_a, target=x_b)
     b, (h, w) = x_a.shape[0], size
     assert out.image.shape == (b, 3, h, w)
     assert out.image.abs().max() <= 1
-    scales = [8, 4, 2, 1] if mode == "patchmatch" else [4]
+    scales = [8, 4, 2, 1]
     assert [tuple(t.shape) for t in out.warped] == [(b, 3, h // s, w // s) for s in scales]
     assert [tuple(t.shape) for t in out.matches] == [(b, 2, h // s, w // s) for s in scales]
     assert out.cycle.shape == out.warped[0].shape
-    assert len(out.domain_features) == cfg.num_levels
+    assert len(out.domain_features) == 4 and out.warp_mask is None
     for m in out.matches:  # matches are positions inside the exemplar at that level
         assert m.min() >= 0 and (m[:, 0].max() < m.shape[-2]) and (m[:, 1].max() < m.shape[-1])
     loss = out.image.mean() + warp_loss(out, x_b) + out.cycle.mean()
@@ -109,8 +108,11 @@ def test_bad_shapes_and_configs_are_rejected():
         ModelConfig(image_size=(100, 64))
     with pytest.raises(ValueError, match="at least 64"):
         ModelConfig(image_size=(32, 64))
-    with pytest.raises(ValueError, match="correspondence"):
-        ModelConfig(correspondence="dense")
+    with pytest.raises(ValueError, match="version must be 1"):
+        ModelConfig(version=3)
+    with pytest.raises(ValueError, match="'global' was removed.*version: 1"):
+        ModelConfig.from_dict({"correspondence": "global"})
+    assert ModelConfig.from_dict({"correspondence": "patchmatch"}) == ModelConfig()  # folders from before `version`
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         ModelConfig.from_dict({"nef": 8, "bogus": 1})
     net = CoCosNet(tiny_config((64, 64)))

@@ -2,7 +2,7 @@
 the last checkpoint, and an interrupted run resumed with train.resume_from. All three end with exactly the
 weights of the uninterrupted reference run (CPU, one thread per worker: deterministic).
 
-One Ray for the module; four trainer fits (about 25 s of Ray overhead each here).
+One Ray for the module; five trainer fits (about 25 s of Ray overhead each here), the last one of CoCosNet v1.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pipeline.train.checkpoint import load_state
 from pipeline.train.launch import TrainingError, local_ray_options, run_training
 from tests.conftest import TRAIN_DATA
 from tests.mlflow_server import mlflow_server as running_mlflow_server
-from tests.test_train_step import TINY_MODEL
+from tests.test_train_step import TINY_MODEL, TINY_V1_MODEL
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -164,3 +164,30 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_matches_the_uninterrupte
     result = run_training(resumed, shards=train_shards, models_dir=tmp_path / "models", base=tmp_path)
     assert logged_steps(result.tracking_uri, result.run_id) == [8]  # only steps 7 and 8 were trained
     assert_same_training_state(final_state(result), final_state(reference))
+
+
+def test_a_v1_model_trains_through_the_same_job(local_ray, train_shards, tmp_path):
+    """model.version: 1 runs through the same Ray job, schedule, checkpoints and MLflow logging as v2."""
+    import mlflow
+
+    run = params(tmp_path, sqlite_uri(tmp_path), run_name="v1", steps=4, checkpoint_every=2, lr_decay_steps=2,
+                 loss={"mask": 100.0})
+    run["model"] = dict(TINY_V1_MODEL)
+    result = run_training(run, shards=train_shards, models_dir=tmp_path / "models", base=tmp_path)
+    assert result.metrics["step"] == 4 and result.metrics["g/mask"] > 0
+    group = final_state(result)["opt_g"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(group["initial_lr"] / 2)  # the last of 2 decay steps
+    exported = load_model(result.model_dir)
+    assert exported.cfg.version == 1 and exported.cfg.ngf == TINY_V1_MODEL["ngf"]
+    client = mlflow.MlflowClient(result.tracking_uri)
+    assert client.get_run(result.run_id).data.params["model.version"] == "1"
+    batch = next(iter(make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0)))
+    inputs = {k: batch[k].numpy() for k in ("input_map", "exemplar", "exemplar_map")}
+    mlflow.set_tracking_uri(result.tracking_uri)
+    try:
+        predicted = mlflow.pyfunc.load_model(result.model_uri).predict(inputs)
+    finally:
+        mlflow.set_tracking_uri(None)
+    with torch.no_grad():
+        expected = exported(*(batch[k] for k in ("input_map", "exemplar", "exemplar_map"))).image.numpy()
+    np.testing.assert_array_equal(predicted, expected)

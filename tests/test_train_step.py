@@ -22,7 +22,7 @@ from pipeline.train.export import export_model, read_model_files
 from pipeline.train.grid import grid_columns, sample_grid
 from pipeline.train.launch import describe_failure
 from pipeline.train.loop import batch_stream, next_batch
-from pipeline.train.step import NonFiniteLossError, build_parts, to_device, train_step
+from pipeline.train.step import NonFiniteLossError, build_parts, set_lr_factor, to_device, train_step
 from pipeline.tracking import absolute_tracking_uri, flatten_params, load_model
 from tests.conftest import REPO_ROOT
 
@@ -38,10 +38,14 @@ def random_vgg() -> VGG19:
         return load_vgg19("random", seed=0)
 
 
-def tiny_parts(seed: int = 0, **train):
+TINY_V1_MODEL = {"version": 1, "ngf": 8, "ndf": 8, "spade_hidden": 16, "match_channels": 32, "num_d": 1,
+                 "n_layers_d": 3, "temperature": 0.05}
+
+
+def tiny_parts(seed: int = 0, model: dict | None = None, **train):
     torch.manual_seed(seed)
     cfg = TrainConfig(**{"lr": 2e-4, **train})
-    model_cfg = ModelConfig.from_dict({**TINY_MODEL, "image_size": [64, 64], "label_nc": 12})
+    model_cfg = ModelConfig.from_dict({**(model or TINY_MODEL), "image_size": [64, 64], "label_nc": 12})
     return build_parts(model_cfg, cfg.loss_weights, random_vgg(), lr=cfg.lr, ttur=cfg.ttur,
                        g_adam_eps=cfg.g_adam_eps, amp=cfg.amp, device=torch.device("cpu"))
 
@@ -60,13 +64,19 @@ def snapshot(module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "params/deepfashion-512-gpu.yaml"])
+V1_PARAMS = ["params/ade20k-v1.yaml", "params/celebahq-edge-v1.yaml", "params/deepfashion-v1.yaml"]
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "params/deepfashion-512-gpu.yaml", *V1_PARAMS])
 def test_shipped_params_files_give_valid_configs(path):
     params = load_params(REPO_ROOT / path)
     DataConfig.from_params(params["data"]), ShardConfig.from_params(params["shard"])
     train, model, mlflow_cfg = configs_from_params(params)
     assert model.image_size == (params["data"]["image_size"],) * 2 and model.label_nc == params["data"]["label_nc"]
     assert train.steps >= 1 and mlflow_cfg.experiment
+    assert model.version == (1 if path in V1_PARAMS else 2)
+    if path in V1_PARAMS:  # the official v1 schedule: constant, then a linear decay over the second half
+        assert train.lr_decay_steps == train.steps // 2 and train.lr == 2e-4 and train.global_batch == 32
 
 
 def test_config_errors_name_the_problem():
@@ -106,6 +116,33 @@ def test_ttur_optimizers_follow_the_paper():
     no_ttur = tiny_parts(ttur=False, amp="bf16")
     assert no_ttur.opt_g.param_groups[0]["lr"] == no_ttur.opt_d.param_groups[0]["lr"] == pytest.approx(2e-4)
     assert no_ttur.amp_dtype is None  # bf16 requested, but this is a CPU
+
+
+def test_learning_rate_schedule_decays_linearly_at_the_end():
+    cfg = TrainConfig(steps=10, lr_decay_steps=4)
+    assert [cfg.lr_factor(step) for step in range(1, 11)] == [1.0] * 7 + [0.75, 0.5, 0.25]
+    assert TrainConfig(steps=10).lr_factor(10) == 1.0
+    with pytest.raises(ValueError, match=r"lr_decay_steps must be in \[0, steps=10\]"):
+        TrainConfig(steps=10, lr_decay_steps=11)
+    parts = tiny_parts(lr=2e-4)
+    set_lr_factor(parts, 0.5)
+    assert parts.opt_g.param_groups[0]["lr"] == pytest.approx(5e-5) and parts.opt_d.param_groups[0]["lr"] == 2e-4
+    set_lr_factor(parts, 1.0)
+    assert parts.opt_g.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_v1_train_step_has_the_v1_terms(batch):
+    parts = tiny_parts(model=TINY_V1_MODEL, loss={"mask": 100.0, "perceptual_r52": 0.01, "warp_self": 100.0})
+    assert parts.g_loss.finest_warp_only and hasattr(parts.discriminator.discriminator_0, "attn")
+    g_before, d_before = snapshot(parts.net), snapshot(parts.discriminator)
+    losses, out = train_step(parts, to_device(batch, parts.device), step=1)
+    assert {"g/mask", "g/warp", "g/perc", "g/domain", "g/reg", "g/context"} <= set(losses)
+    assert all(np.isfinite(v) for v in losses.values()) and losses["g/mask"] > 0
+    changed_g = {k.split(".")[1] for k, v in parts.net.state_dict().items() if not torch.equal(v, g_before[k])}
+    assert {"adaptive_model_seg", "adaptive_model_img", "layer", "theta", "phi", "head_0", "attn"} <= changed_g
+    assert not torch.equal(parts.discriminator.state_dict()["discriminator_0.attn.gamma"],
+                           d_before["discriminator_0.attn.gamma"])
+    assert [tuple(w.shape) for w in out.warped] == [(2, 3, 16, 16), (2, 3, 64, 64)]
 
 
 def test_train_step_updates_generator_and_discriminator(batch):

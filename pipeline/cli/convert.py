@@ -1,4 +1,4 @@
-"""`cocosnet convert-official`: official CoCosNet-v2 checkpoints -> a model folder `translate` loads."""
+"""`cocosnet convert-official`: official CoCosNet-v2 or v1 checkpoints -> a model folder `translate` loads."""
 from __future__ import annotations
 
 import argparse
@@ -7,18 +7,22 @@ from pathlib import Path
 from pipeline.cli.common import PROG, CommandError, positive_int
 
 NAME = "convert-official"
-HELP = "convert official CoCosNet-v2 checkpoints (netCorr + netG + options) to a model folder"
+HELP = "convert official CoCosNet-v2 or CoCosNet (v1) checkpoints (netCorr + netG + options) to a model folder"
 DESCRIPTION = """\
-Convert the released CoCosNet-v2 weights into this project's model format: a folder with
+Convert the released CoCosNet-v2 weights (--version 2, the default) or CoCosNet weights (--version 1:
+ADE20k, CelebA-HQ mask and edge, DeepFashion) into this project's model format: a folder with
 state_dict.pt, model_config.json and run.json (provenance and task), which `cocosnet translate
 --model DIR`, `cocosnet info --model DIR` and pipeline.tracking.load_model read.
 
   cocosnet convert-official --corr checkpoints/deepfashionHD/latest_net_Corr.pth \\
       --gen checkpoints/deepfashionHD/latest_net_G.pth --opt checkpoints/deepfashionHD/opt.txt \\
       --out models/deepfashionhd-official
+  cocosnet convert-official --version 1 --corr checkpoints/ade20k/latest_net_Corr.pth \\
+      --gen checkpoints/ade20k/latest_net_G.pth --opt checkpoints/ade20k/opt.txt --out models/ade20k-v1
 
-Only CoCosNet-v2 models (netCorr NoVGGHPM, PONO, spectral norms) convert; the converted model runs the
-official forward exactly (ModelConfig.official_compat). Checkpoints are loaded with
+v2 models (netCorr NoVGGHPM, PONO, spectral norms) run the official forward exactly
+(ModelConfig.official_compat); v1 models (PONO, the released options) run CoCosNet v1 as the official
+code does. Checkpoints are loaded with
 torch.load(weights_only=True): a .pth holding anything but tensors and plain containers is refused
 with the reason. opt.pkl is read by an unpickler that admits only an argparse.Namespace of plain values.
 """
@@ -32,6 +36,8 @@ def image_size(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", type=int, choices=(1, 2), default=2,
+                        help="2: CoCosNet-v2 (microsoft/CoCosNet-v2, default); 1: CoCosNet (microsoft/CoCosNet)")
     parser.add_argument("--corr", type=Path, required=True, metavar="X_net_Corr.pth", help="official netCorr weights")
     parser.add_argument("--gen", type=Path, required=True, metavar="X_net_G.pth", help="official netG weights")
     parser.add_argument("--opt", type=Path, required=True, metavar="opt.txt|opt.pkl",
@@ -40,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder to write (replaced atomically if it is a model folder already)")
     parser.add_argument("--image-size", type=image_size, nargs=2, metavar=("H", "W"),
                         help="input size of the converted model, multiples of 32 (default: the options' crop "
-                             "size, 512x512 for the released models; every layer is convolutional)")
+                             "size: 512x512 for the released v2 models, 256x256 for v1; every layer is "
+                             "convolutional)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = convert_official(args.corr, args.gen, args.opt, args.out,
-                               tuple(args.image_size) if args.image_size else None)
+                               tuple(args.image_size) if args.image_size else None, args.version)
     except DataError as exc:
         raise CommandError(str(exc)) from None
     h, w = cfg.image_size
-    print(f"{PROG} {NAME}: wrote {args.out} ({h}x{w}, label_nc {cfg.label_nc}, nef {cfg.nef}, ngf {cfg.ngf}); "
+    widths = f"nef {cfg.nef}, ngf {cfg.ngf}" if cfg.version == 2 else f"CoCosNet v1, ngf {cfg.ngf}"
+    print(f"{PROG} {NAME}: wrote {args.out} ({h}x{w}, label_nc {cfg.label_nc}, {widths}); "
           f"translate with --model {args.out}")
     return 0

@@ -29,6 +29,7 @@ class TrainConfig:
     steps: int = 60  # optimisation steps; each is one generator step then one discriminator step
     batch_size: int = 4  # per worker; the global batch is batch_size x workers
     lr: float = 2e-4  # base rate; TTUR trains G at lr/2 and D at lr*2 (official deepfashionHD: 1e-4)
+    lr_decay_steps: int = 0  # the last lr_decay_steps steps decay both rates linearly towards 0 (--niter_decay)
     ttur: bool = True  # False: both at lr with Adam betas (0.5, 0.999), the official --no_TTUR
     g_adam_eps: float = 1e-3  # the official generator/correspondence Adam uses eps 1e-3
     amp: Amp = "none"  # bf16 / fp16 autocast on CUDA; ignored (with a log line) on CPU
@@ -69,6 +70,9 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"params.yaml train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.lr_decay_steps <= self.steps:
+            raise ValueError(f"params.yaml train.lr_decay_steps must be in [0, steps={self.steps}], "
+                             f"got {self.lr_decay_steps}")
         if not self.lr > 0 or not self.g_adam_eps > 0:
             raise ValueError(f"params.yaml train.lr and train.g_adam_eps must be > 0, got {self.lr}, {self.g_adam_eps}")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -81,6 +85,11 @@ class TrainConfig:
             raise ValueError(f"params.yaml train.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"params.yaml train.placement_strategy: unknown {self.placement_strategy!r}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the initial rates at `step` (1-based): 1, then over the last lr_decay_steps steps a
+        linear decay ending at 1/lr_decay_steps (the official per-epoch decay, per step)."""
+        return min(1.0, (self.steps - step + 1) / self.lr_decay_steps) if self.lr_decay_steps else 1.0
 
     @property
     def loss_weights(self) -> LossWeights:

@@ -38,7 +38,8 @@ from pipeline.train.checkpoint import (DataPosition, find_checkpoint, restore_ra
                                        save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig
 from pipeline.train.grid import sample_grid
-from pipeline.train.step import NonFiniteLossError, TrainParts, build_parts, to_device, train_step, unwrap
+from pipeline.train.step import (NonFiniteLossError, TrainParts, build_parts, set_lr_factor, to_device, train_step,
+                                 unwrap)
 
 
 def say(message: str) -> None:
@@ -238,6 +239,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                                f"{last_checkpoint})")
         batch = to_device(raw := next_batch(stream), device)
         keys_seen.update((position.epoch, key) for key in raw["key"])
+        set_lr_factor(parts, cfg.lr_factor(step))
         try:
             losses, out = train_step(parts, batch, step)
         except NonFiniteLossError as err:

@@ -1,4 +1,4 @@
-"""One CoCosNet-v2 training step: the generator step (all its loss terms), then the discriminator step.
+"""One CoCosNet training step (v2 or v1): the generator step (all its loss terms), then the discriminator step.
 
 The same function runs in a single process and in every DDP rank. Under DDP the generator (CoCosNet) and
 the discriminator are wrapped separately: the generator step calls the loss with the *unwrapped*
@@ -69,7 +69,16 @@ def make_optimizers(net: nn.Module, discriminator: nn.Module, lr: float, ttur: b
         betas, g_lr, d_lr = (0.5, 0.999), lr, lr
     opt_g = torch.optim.Adam(net.parameters(), lr=g_lr, betas=betas, eps=g_adam_eps)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=d_lr, betas=betas)
+    for group in (*opt_g.param_groups, *opt_d.param_groups):
+        group["initial_lr"] = group["lr"]  # the schedule scales these (saved with the optimizer state)
     return opt_g, opt_d
+
+
+def set_lr_factor(parts: TrainParts, factor: float) -> None:
+    """Both optimizers at `factor` x their initial rates (TrainConfig.lr_factor: the learning-rate schedule)."""
+    for optimizer in (parts.opt_g, parts.opt_d):
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor  # older checkpoints lack it
 
 
 def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr: float, ttur: bool,
@@ -85,8 +94,10 @@ def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr:
     # Loss scaling only for fp16 (bf16 has fp32's range). One scaler per optimizer: an overflow in one
     # step must not skip or rescale the other network's update.
     use_scaler = amp_dtype == torch.float16
+    finest_warp_only = model_cfg.version == 1  # v1 supervises its full-resolution warp, v2 every level
     return TrainParts(net=wrapped_net, discriminator=wrapped_d,
-                      g_loss=CoCosNetLoss(weights, vgg, discriminator), d_loss=CoCosNetLoss(weights, vgg, wrapped_d),
+                      g_loss=CoCosNetLoss(weights, vgg, discriminator, finest_warp_only),
+                      d_loss=CoCosNetLoss(weights, vgg, wrapped_d, finest_warp_only),
                       opt_g=opt_g, opt_d=opt_d,
                       scaler_g=torch.amp.GradScaler(device.type, enabled=use_scaler),
                       scaler_d=torch.amp.GradScaler(device.type, enabled=use_scaler),
