@@ -23,13 +23,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(command: Sequence[str], ready_url: str, log_path: Path, env: dict[str, str] | None = None,
-            timeout: float = 120) -> Iterator[subprocess.Popen]:
+def running_server(command: Sequence[str], ready_url: str, log_path: Path, env: dict[str, str] | None = None,
+                   timeout: float = 120) -> Iterator[subprocess.Popen]:
     """Run `command` until the block ends, once `ready_url` answers 200. Its output goes to log_path; the whole
     process group is stopped at the end (servers that start workers of their own)."""
     with open(log_path, "w") as log:
-        server = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                  start_new_session=True)
+        server = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})}, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -60,6 +60,6 @@ def mlflow_server(folder: Path, *store_args: str, timeout: float = 120) -> Itera
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                *store_args]
-    with serving(command, f"{base}/health", folder / "server.log", {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                 timeout):
+    no_jobs = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with running_server(command, f"{base}/health", folder / "server.log", no_jobs, timeout):
         yield base

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.browser import chromium, screenshot, wait_for_text
-from tests.mlflow_server import free_port, serving
+from tests.mlflow_server import free_port, running_server
 
 pytestmark = pytest.mark.e2e
 try:
@@ -39,7 +39,7 @@ def app_url(model_dir, train_shards, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
     command = [sys.executable, "-m", "pipeline.cli", "app", "--model", model, "--data", data, "--port", str(port)]
-    with serving(command, f"http://127.0.0.1:{port}/", log, {"GRADIO_ANALYTICS_ENABLED": "False"}):
+    with running_server(command, f"http://127.0.0.1:{port}/", log, {"GRADIO_ANALYTICS_ENABLED": "False"}):
         yield f"http://127.0.0.1:{port}", tuple(load(model).cfg.image_size)
 
 

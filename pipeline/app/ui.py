@@ -230,7 +230,8 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
     # ------------------------------------------------------------ layout
 
     h, w = size
-    pool_line = f"exemplar pool: {len(pool)} images of {pool.source}" if pool is not None else f"no exemplar pool ({pool_note})"
+    pool_line = (f"exemplar pool: {len(pool)} images of {pool.source}" if pool is not None
+                 else f"no exemplar pool ({pool_note})")
     with gr.Blocks(title="CoCosNet app") as app:
         gr.Markdown(f"## CoCosNet: paint, pick an exemplar, translate\n`{model_ref}`: {h}x{w}, "
                     f"{len(classes) if not classes.edge else 1}-channel {task} input; {pool_line}\n\n{HELP}")
