@@ -14,7 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync")
+         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         # Software WebGL for the app's canvas (Chromium warns that its automatic fallback is going away); the
+         # tests open only pages served from 127.0.0.1.
+         "--enable-unsafe-swiftshader")
 
 
 def chromium(window: tuple[int, int] = (1500, 1100)):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from selenium.webdriver.common.action_chains import ActionChains
 
 from tests.browser import chromium, screenshot, wait_for_text
 from tests.mlflow_server import free_port, running_server
@@ -74,17 +75,38 @@ def shown_image(driver, css: str, previous: str | None = None, timeout: float = 
     raise AssertionError(f"{css} never showed a new image")
 
 
+def settled_image(driver, css: str, previous: str | None, quiet: float = 2.0) -> tuple[Image.Image, str]:
+    """shown_image once the <img> has shown something new and then kept it for `quiet` seconds (a preview that
+    several events update)."""
+    image, src = shown_image(driver, css, previous)
+    while True:
+        time.sleep(quiet)
+        latest = driver.find_element("css selector", f"{css} img").get_attribute("src")
+        if latest == src:
+            return image, src
+        image, src = shown_image(driver, css, src)
+
+
 def stroke(driver, canvas, points: list[tuple[int, int]]) -> None:
     """Drag the mouse through `points` (offsets from the canvas element's centre)."""
-    from selenium.webdriver.common.action_chains import ActionChains
-
     chain = ActionChains(driver).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         chain = chain.move_by_offset(x1 - x0, y1 - y0)
     chain.release().perform()
 
 
-def test_paint_retrieve_translate_and_edit(browser, app_url):
+def click_image_pixel(driver, image, x: int, y: int) -> None:
+    """Click pixel (x, y) of an <img> shown with object-fit: contain (the image is centred in its box)."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", image)  # actions do not scroll
+    width, height = image.size["width"], image.size["height"]
+    natural = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    shrink = min(width / natural[0], height / natural[1])
+    left, top = (width - natural[0] * shrink) / 2, (height - natural[1] * shrink) / 2
+    ActionChains(driver).move_to_element_with_offset(image, round(left + (x + 0.5) * shrink - width / 2),
+                                                     round(top + (y + 0.5) * shrink - height / 2)).click().perform()
+
+
+def test_paint_fill_undo_retrieve_translate_and_edit(browser, app_url):
     base, size = app_url
     browser.get(base)
     wait_for_text(browser, ["Retrieve exemplars like this map", "1 class 1"])
@@ -95,9 +117,17 @@ def test_paint_retrieve_translate_and_edit(browser, app_url):
     stroke(browser, canvas, [(-120, -100), (0, -100), (120, -60)])
     stroke(browser, canvas, [(-100, 40), (-100, 140)])
     stroke(browser, canvas, [(20, 60), (140, 120)])
-    painted, _ = shown_image(browser, "#map-view", previous=blank_map)
-    pixels = np.asarray(painted).reshape(-1, 3)
-    assert (pixels != 0).any(axis=1).mean() > 0.02  # strokes over the all-background (black) map
+    painted, painted_src = settled_image(browser, "#map-view", previous=blank_map)
+    painted_share = (np.asarray(painted) != 0).any(axis=2).mean()
+    assert painted_share > 0.02  # strokes over the all-background (black) map
+
+    # Fill: a click on the preview's top-left corner (background) gives that region the fill class; Undo takes it back.
+    click_image_pixel(browser, element(browser, "#map-view img"), 2, 2)
+    filled, filled_src = shown_image(browser, "#map-view", previous=painted_src)
+    assert (np.asarray(filled) != 0).any(axis=2).mean() > max(0.5, painted_share)
+    element(browser, "#undo").click()
+    undone, _ = shown_image(browser, "#map-view", previous=filled_src)
+    assert np.array_equal(np.asarray(undone), np.asarray(painted))
 
     # Retrieve exemplars for the painted map, pick the nearest, translate.
     element(browser, "#retrieve").click()

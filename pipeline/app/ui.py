@@ -109,10 +109,9 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
         return {"background": render(ids, classes, scale), "layers": [], "composite": None}
 
     def current_map(editor: dict | None) -> np.ndarray:
-        if not editor or editor.get("composite") is None:
-            return blank if not editor or editor.get("background") is None else decode(editor["background"], classes,
-                                                                                      size)
-        return decode(editor["composite"], classes, size)
+        image = (editor or {}).get("composite")
+        image = (editor or {}).get("background") if image is None else image
+        return blank if image is None else decode(image, classes, size)
 
     def replaced(editor: dict | None, history: list, ids: np.ndarray) -> tuple[dict, list, np.ndarray]:
         """A new map on the canvas; the old one is kept for Undo. -> (editor, history, preview)."""
@@ -259,14 +258,16 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
                         edge_photo = gr.UploadButton("Edges of a photo (the dataset's Canny)", size="sm",
                                                      elem_id="edge-photo-upload", visible=classes.edge)
                     map_view = gr.Image(render(blank, classes, scale), label="Click a region to fill it",
-                                        elem_id="map-view", interactive=False, height=230, buttons=[], min_width=160)
+                                        elem_id="map-view", interactive=False, height=230, buttons=[], min_width=160,
+                                        format="png")
             with gr.Column(scale=4, min_width=320):
                 with gr.Row():
                     k = gr.Slider(1, 12, value=6, step=1, label="Exemplars to retrieve", min_width=120)
                     retrieve_button = gr.Button("Retrieve exemplars like this map", elem_id="retrieve",
                                                 interactive=pool is not None, min_width=120)
                 gallery = gr.Gallery(label="Exemplar pool: nearest by descriptor (click one to choose it)",
-                                     elem_id="pool", columns=3, height=260, allow_preview=False, object_fit="contain")
+                                     elem_id="pool", columns=3, height=260, allow_preview=False, object_fit="contain",
+                                     format="png")
                 with gr.Row():
                     exemplar_file = gr.UploadButton("Or upload an exemplar photo", elem_id="exemplar-upload",
                                                     size="sm")
@@ -274,7 +275,7 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
                                                         size="sm", visible=not classes.edge)
                 with gr.Row():
                     chosen = gr.Image(label="Exemplar", elem_id="chosen", interactive=False, height=170, buttons=[],
-                                      min_width=120)
+                                      min_width=120, format="png")
                     with gr.Column(min_width=120):
                         exemplar_note = gr.Markdown("Exemplar: none", elem_id="exemplar-note")
                         edit_button = gr.Button("Edit this photo: its map onto the canvas", elem_id="edit", size="sm")
