@@ -8,8 +8,8 @@ Rows per image size and model configuration (random weights: the time does not d
 
 Configurations: `default` is params.yaml's model: section (the default `dvc repro` model), `official` the
 CoCosNet-v2 DeepFashionHD network (nef 32, ngf 64, spade_hidden 128, 5 PatchMatch iterations, temperature 0.01).
-Median wall-clock and process CPU seconds over --repeats after one warm-up; ratios are request / translate and
-each size / the smallest.
+Median wall-clock and process CPU seconds over --repeats after one warm-up; ratios (request / translate, each
+size / the smallest) are of CPU seconds, which other jobs on a shared machine disturb less than wall-clock.
 
     python -m benchmarks.translate                              # 64 and 256, both configurations: ~1-2 min
     python -m benchmarks.translate --sizes 64 256 512 --configs official
@@ -21,7 +21,6 @@ import os
 import statistics
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -77,11 +76,11 @@ def main(argv: list[str] | None = None) -> None:
             plain = timed(lambda: translator.run([translator.prepare(a.input_map, b.photo, b.input_map)]),
                           args.repeats)
             request = timed(lambda: translate_request(translator, record), args.repeats)
-            base = base or plain[0]
-            print(f"{name:9} {size:5d} {'translate':10} {plain[0]:8.3f} {plain[1]:8.3f}  x{plain[0] / base:.1f} "
+            base = base or plain[1]
+            print(f"{name:9} {size:5d} {'translate':10} {plain[0]:8.3f} {plain[1]:8.3f}  x{plain[1] / base:.1f} "
                   f"vs size {args.sizes[0]}")
             print(f"{name:9} {size:5d} {'request':10} {request[0]:8.3f} {request[1]:8.3f}  "
-                  f"request/translate {request[0] / plain[0]:.2f}")
+                  f"request/translate {request[1] / plain[1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import os
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,12 +30,13 @@ except ModuleNotFoundError:
 
 
 @pytest.fixture(scope="module")
-def app_url(model_dir, train_shards, tmp_path_factory):
+def app_url(request, tmp_path_factory):
     """`cocosnet app` on 127.0.0.1 (the real command line). -> (base URL, model size)."""
     from pipeline.inference import load
 
-    model = os.environ.get("COCOSNET_APP_MODEL", str(model_dir))
-    data = os.environ.get("COCOSNET_APP_DATA", str(train_shards.parent / "prepared"))  # the fixture's prepare output
+    model = os.environ.get("COCOSNET_APP_MODEL") or str(request.getfixturevalue("model_dir"))
+    data = (os.environ.get("COCOSNET_APP_DATA")
+            or str(request.getfixturevalue("train_shards").parent / "prepared"))  # the fixture's prepare output
     port = free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
     command = [sys.executable, "-m", "pipeline.cli", "app", "--model", model, "--data", data, "--port", str(port)]
@@ -46,7 +46,7 @@ def app_url(model_dir, train_shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    driver = chromium((1600, 1000))
+    driver = chromium((1600, 1250))
     yield driver
     driver.quit()
 
@@ -145,6 +145,7 @@ def test_paint_fill_undo_retrieve_translate_and_edit(browser, app_url):
     wait_for_text(browser, [f"Translated {size[0]}x{size[1]} in"])
     assert output.size == warped.size == (size[1], size[0])
     assert np.asarray(output).std() > 1.0  # an image, not a constant
+    browser.execute_script("window.scrollTo(0, 0)")
     screenshot(browser, "app_translate.png")
 
     # Edit mode: the chosen photo's own map goes onto the canvas.
