@@ -6,15 +6,15 @@ server and shown on the page as one line.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 import numpy as np
-from PIL import Image
 
 from pipeline.app.canvas import (Classes, bucket_fill, canvas_scale, decode, ids_of_map, model_map, photo_edges,
                                  render)
@@ -63,24 +63,15 @@ def upload_name(path: str) -> str:
     return Path(path).name
 
 
-def read_upload_photo(path: str | None, what: str) -> np.ndarray:
-    """An uploaded photo -> (H, W, 3) uint8; errors name the uploaded file, not Gradio's copy of it."""
-    if not path:
-        raise gr.Error(f"no {what} uploaded")
+@contextlib.contextmanager
+def naming_the_upload(path: str, what: str) -> Iterator[None]:
+    """Reading errors become page messages that name the uploaded file, not Gradio's copy of it."""
     try:
-        return read_photo(path)
+        yield
     except SkipSample as exc:
         reason = exc.reason.replace(path, upload_name(path))
         raise gr.Error(f"{upload_name(path)} is not a usable {what}: {reason}", print_exception=False) from None
-
-
-def read_upload_map(path: str | None, task: str, what: str) -> np.ndarray:
-    """An uploaded map (index PNG, grey edge image or .npy) -> the array as stored."""
-    if not path:
-        raise gr.Error(f"no {what} uploaded")
-    try:
-        return read_map_array(path, task)
-    except DataError as exc:
+    except (DataError, ValueError) as exc:
         raise gr.Error(str(exc).replace(path, upload_name(path)), print_exception=False) from None
 
 
@@ -144,16 +135,18 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
 
     @on_page
     def load_map(path, editor, history):
-        array = read_upload_map(path, task, "input map")
-        try:
-            ids = ids_of_map(array, classes, size)
-        except ValueError as exc:
-            raise gr.Error(f"{upload_name(path)}: {exc}", print_exception=False) from None
+        with naming_the_upload(path, "input map"):
+            array = read_map_array(path, task)
+            try:
+                ids = ids_of_map(array, classes, size)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
         return replaced(editor, history, ids)
 
     @on_page
     def edges_from_photo(path, editor, history):
-        return replaced(editor, history, photo_edges(read_upload_photo(path, "photo"), size))
+        with naming_the_upload(path, "photo"):
+            return replaced(editor, history, photo_edges(read_photo(path), size))
 
     @on_page
     def retrieve(editor, k):
@@ -175,7 +168,8 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
     def upload_exemplar(path):
         if not path:
             return None, None, "Exemplar: none"
-        photo = read_upload_photo(path, "exemplar photo")
+        with naming_the_upload(path, "exemplar photo"):
+            photo = read_photo(path)
         exemplar = {"photo": photo, "map": None, "name": upload_name(path)}
         note = "" if classes.edge else " - now upload its map too (mask models need the exemplar's own map)"
         return exemplar, photo, f"Exemplar: {exemplar['name']}{note}"
@@ -186,7 +180,9 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
             return exemplar, gr.skip()
         if exemplar is None:
             raise gr.Error("upload the exemplar photo first, then its map")
-        array = read_upload_map(path, task, "exemplar map")
+        with naming_the_upload(path, "exemplar map"):
+            translator.load_map(path, task)  # checked now (class ids, channels), so the message names the file
+            array = read_map_array(path, task)
         return {**exemplar, "map": array}, f"Exemplar: {exemplar['name']} with map {upload_name(path)}"
 
     @on_page
@@ -213,7 +209,7 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
             exemplar = pool_exemplar(pool.nearest(input_map, 1)[0][0])
             note = " (the nearest pool image: none was chosen)"
         if exemplar["map"] is None and not classes.edge:
-            raise gr.Error("this model needs the exemplar's own map: upload it under 'Exemplar map', "
+            raise gr.Error("this model needs the exemplar's own map: upload it ('...and its own map'), "
                            "or pick an exemplar from the pool")
         prepared = translator.prepare(input_map, exemplar["photo"], exemplar["map"])
         progress(0.3, desc="correspondence and generator")
