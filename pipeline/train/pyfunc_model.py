@@ -5,8 +5,8 @@ two artifacts, model_config.json and state_dict.pt. Loading rebuilds CoCosNet fr
 the weights with torch.load(weights_only=True): nothing from training is unpickled.
 
     net = mlflow.pyfunc.load_model("models:/cocosnet@champion")
-    out = net.predict({"input_map": [b64_png], "exemplar": [b64_jpeg], "exemplar_map": [b64_png]})
-    out["image"][0]                                   # base64 PNG at the model's size
+    out = net.predict(pd.DataFrame([{"input_map": b64_png, "exemplar": b64_jpeg, "exemplar_map": b64_png}]))
+    out["image"][0]                                   # base64 PNG at the model's size (and out["warped"][0])
 
 Requests and responses are records of base64-encoded files (pipeline/serving.py, which reads them as
 `cocosnet translate` does): serve it from the project's environment,
