@@ -106,7 +106,7 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
 
     def replaced(editor: dict | None, history: list, ids: np.ndarray) -> tuple[dict, list, np.ndarray]:
         """A new map on the canvas; the old one is kept for Undo. -> (editor, history, preview)."""
-        history = (history + [current_map(editor)])[-HISTORY:]
+        history = (history + [current_map(editor).astype(np.uint8)])[-HISTORY:]  # ids < MAX_CLASSES = 256
         return editor_value(ids), history, render(ids, classes, scale)
 
     # ------------------------------------------------------------ handlers
@@ -227,7 +227,7 @@ def build_app(translator: Translator, classes: Classes, pool: ExemplarPool | Non
     h, w = size
     pool_line = (f"exemplar pool: {len(pool)} images of {pool.source}" if pool is not None
                  else f"no exemplar pool ({pool_note})")
-    with gr.Blocks(title="CoCosNet app") as app:
+    with gr.Blocks(title="CoCosNet app", delete_cache=(3600, 3600)) as app:  # uploads and results: an hour
         gr.Markdown(f"## CoCosNet: paint, pick an exemplar, translate\n`{model_ref}`: {h}x{w}, "
                     f"{len(classes) if not classes.edge else 1}-channel {task} input; {pool_line}\n\n{HELP}")
         history = gr.State([])
