@@ -23,10 +23,9 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Param
-from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import Schema, TensorSpec
 
 from model import CoCosNet, ModelConfig
+from pipeline import serving
 from pipeline.train.config import MlflowConfig
 from pipeline.train.export import read_model_files, write_model_files
 
@@ -123,16 +122,6 @@ def log_grid(grid: np.ndarray, step: int) -> None:
     mlflow.log_image(grid, key=SAMPLES_KEY, step=step, synchronous=True)
 
 
-def model_signature(cfg: ModelConfig) -> ModelSignature:
-    h, w = cfg.image_size
-    f32 = np.dtype(np.float32)
-    return ModelSignature(
-        inputs=Schema([TensorSpec(f32, (-1, cfg.label_nc, h, w), "input_map"),
-                       TensorSpec(f32, (-1, 3, h, w), "exemplar"),
-                       TensorSpec(f32, (-1, cfg.label_nc, h, w), "exemplar_map")]),
-        outputs=Schema([TensorSpec(f32, (-1, 3, h, w), "image")]))
-
-
 def log_model(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
     """Log the generator as a pyfunc "model from code" in the active run; -> its model URI.
 
@@ -147,7 +136,7 @@ def log_model(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
                 name=MODEL_NAME, python_model=str(PYFUNC_CODE), code_paths=[str(MODEL_PACKAGE)],
                 artifacts={"model_config": str(Path(tmp) / "model_config.json"),
                            "state_dict": str(Path(tmp) / "state_dict.pt")},
-                signature=model_signature(cfg),
+                signature=serving.signature(cfg),  # MLflow checks requests against it
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                                   f"numpy=={np.__version__}"])
     return info.model_uri

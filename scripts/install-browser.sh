@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium + chromedriver for the MLflow UI browser test (tests/test_mlflow_ui.py), from Debian/Ubuntu
+# Headless Chromium + chromedriver for the browser tests (tests/test_mlflow_ui.py, tests/test_app.py), from Debian/Ubuntu
 # packages. Needs root (or sudo); does nothing when both are already on PATH.
 set -euo pipefail
 if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then

@@ -15,7 +15,8 @@ import pytest
 import ray
 import torch
 
-from pipeline.data.loader import make_loader
+from pipeline.inference import Translator
+from pipeline.serving import INPUTS, decode_image, encode_file
 from pipeline.tracking import load_model, manifest_sha256
 from pipeline.train.checkpoint import load_state
 from pipeline.train.launch import TrainingError, local_ray_options, run_training
@@ -94,8 +95,9 @@ def reference(local_ray, mlflow_server, train_shards, tmp_path_factory):
 # ---------------------------------------------------------------- tests
 
 
-def test_one_worker_run_is_fully_tracked_in_a_real_mlflow_server(reference, mlflow_server, train_shards):
+def test_one_worker_run_is_fully_tracked_in_a_real_mlflow_server(reference, mlflow_server, train_shards, pairs):
     import mlflow
+    import pandas as pd
 
     result = reference
     losses = {k: v for k, v in result.metrics.items() if k.startswith(("g/", "d/"))}
@@ -118,22 +120,25 @@ def test_one_worker_run_is_fully_tracked_in_a_real_mlflow_server(reference, mlfl
     assert any("samples+step+8+" in p and p.endswith(".png") for p in images)
 
     # The logged model: a pyfunc from code + config + state dict, registrable and loadable without the repo's pickles.
-    batch = next(iter(make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0)))
-    inputs = {k: batch[k].numpy() for k in ("input_map", "exemplar", "exemplar_map")}
+    # It answers requests of base64 files (pipeline/serving.py) as cocosnet translate would.
+    files = [(pairs["maps"] / f"s{k}.png", pairs["photos"] / f"s{k}.jpg", pairs["photo_maps"] / f"s{k}.png")
+             for k in range(2)]
+    request = pd.DataFrame([dict(zip(INPUTS, map(encode_file, pair))) for pair in files])
     mlflow.set_tracking_uri(mlflow_server)
     try:
         version = mlflow.register_model(result.model_uri, "cocosnet-test")
         client.set_registered_model_alias("cocosnet-test", "champion", version.version)
-        predicted = mlflow.pyfunc.load_model("models:/cocosnet-test@champion").predict(inputs)
+        predicted = mlflow.pyfunc.load_model("models:/cocosnet-test@champion").predict(request)
         registered = load_model("models:/cocosnet-test@champion")
         from_run = load_model(f"runs:/{result.run_id}/model")
     finally:
         mlflow.set_tracking_uri(None)
     exported = load_model(result.model_dir)
-    with torch.no_grad():
-        expected = exported(*(batch[k] for k in ("input_map", "exemplar", "exemplar_map"))).image.numpy()
-    assert predicted.shape == (2, 3, 64, 64) and np.isfinite(predicted).all()
-    np.testing.assert_array_equal(predicted, expected)
+    translator = Translator(exported)
+    expected = translator.run([translator.prepare(*pair) for pair in files])  # one batch, as the request
+    assert list(predicted.columns) == ["image", "warped"] and len(predicted) == 2
+    for field, translation in zip(predicted["image"], expected):
+        np.testing.assert_array_equal(np.asarray(decode_image(field)), np.asarray(translation.image))
     for loaded in (registered, from_run):
         assert all(torch.equal(v, exported.state_dict()[k]) for k, v in loaded.state_dict().items())
     trained = final_state(result)["net"]

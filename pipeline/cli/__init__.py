@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Callable, Iterator
 
-from pipeline.cli import convert, figure, info, translate
+from pipeline.cli import app, convert, figure, info, translate
 from pipeline.cli.common import PROG, CommandError, report
 
 # The DVC stages: `cocosnet <stage> ARGS` is `python -m stages.<stage> ARGS` (the same main function).
@@ -23,7 +23,7 @@ STAGES = {
     "evaluate": "score a model on the validation shards and log the metrics",
     "register": "register the evaluated model and promote it to @champion when it wins",
 }
-COMMANDS = {module.NAME: module for module in (translate, convert, info, figure)}
+COMMANDS = {module.NAME: module for module in (translate, convert, info, figure, app)}
 DESCRIPTION = """\
 Exemplar-based image translation with CoCosNet v2: translate, import official weights, inspect models,
 and run the pipeline's stages. Every subcommand has --help.
@@ -32,6 +32,7 @@ and run the pipeline's stages. Every subcommand has --help.
   cocosnet translate --input maps/ --exemplar photos/ --exemplar-map photo_maps/ --out translated/
   cocosnet convert-official --corr X_net_Corr.pth --gen X_net_G.pth --opt opt.txt --out models/official
   cocosnet info --model models:/cocosnet@champion
+  cocosnet app --model models                  (a web page: paint, pick exemplars, translate, edit)
   cocosnet train --params params.yaml          (the same as python -m stages.train; likewise prepare,
                                                 shard, evaluate, register)
 

@@ -5,9 +5,12 @@ two artifacts, model_config.json and state_dict.pt. Loading rebuilds CoCosNet fr
 the weights with torch.load(weights_only=True): nothing from training is unpickled.
 
     net = mlflow.pyfunc.load_model("models:/cocosnet@champion")
-    image = net.predict({"input_map": x_a, "exemplar": y_b, "exemplar_map": y_a})   # (B, 3, H, W) in [-1, 1]
+    out = net.predict(pd.DataFrame([{"input_map": b64_png, "exemplar": b64_jpeg, "exemplar_map": b64_png}]))
+    out["image"][0]                                   # base64 PNG at the model's size (and out["warped"][0])
 
-Inputs are float32 arrays: input_map and exemplar_map (B, label_nc, H, W), exemplar (B, 3, H, W) in [-1, 1].
+Requests and responses are records of base64-encoded files (pipeline/serving.py, which reads them as
+`cocosnet translate` does): serve it from the project's environment,
+`mlflow models serve -m models:/cocosnet@champion --env-manager local`.
 """
 from __future__ import annotations
 
@@ -15,33 +18,32 @@ import json
 import warnings
 
 import mlflow
-import numpy as np
 import torch
-
-INPUT_NAMES = ("input_map", "exemplar", "exemplar_map")
-
 
 with warnings.catch_warnings(record=True):
     # MLflow advises type hints on predict() when the class is defined (and forces that warning past
-    # filters); the inputs, a dict of arrays, are described by the logged tensor signature instead.
+    # filters); the inputs, records of base64 files, are described by the logged column signature instead.
 
     class CoCosNetPyfunc(mlflow.pyfunc.PythonModel):
         def load_context(self, context) -> None:
             from model import CoCosNet, ModelConfig  # shipped with the logged model as code
 
+            try:
+                from pipeline.inference import Translator
+                from pipeline.serving import translate_request
+            except ModuleNotFoundError as exc:
+                raise RuntimeError("the CoCosNet model reads requests with the cocosnet-pipeline package, which is "
+                                   f"not installed here ({exc}); serve it from the project's environment with "
+                                   "--env-manager local") from None
             with open(context.artifacts["model_config"]) as f:
                 cfg = ModelConfig.from_dict(json.load(f))
-            self.net = CoCosNet(cfg).eval()
+            net = CoCosNet(cfg).eval()
             state = torch.load(context.artifacts["state_dict"], map_location="cpu", weights_only=True)
-            self.net.load_state_dict(state)
+            net.load_state_dict(state)
+            self.translator, self.translate_request = Translator(net), translate_request
 
         def predict(self, context, model_input, params=None):
-            missing = [name for name in INPUT_NAMES if name not in model_input]
-            if missing:
-                raise ValueError(f"CoCosNet needs inputs {list(INPUT_NAMES)}; missing {missing}")
-            tensors = [torch.as_tensor(np.asarray(model_input[name], dtype=np.float32)) for name in INPUT_NAMES]
-            with torch.no_grad():
-                return self.net(*tensors).image.numpy()
+            return self.translate_request(self.translator, model_input)
 
 
 mlflow.models.set_model(CoCosNetPyfunc())
