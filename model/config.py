@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 Correspondence = Literal["patchmatch", "global"]
+Checkpointing = Literal["auto", "none", "iterations", "full"]
+CHECKPOINTING = ("auto", "none", "iterations", "full")
+# `auto` checkpoints in training from this image side up: below it the activations are small and
+# recomputing them would only cost time.
+AUTO_CHECKPOINT_MIN_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,12 @@ class ModelConfig:
     num_d: int = 2  # discriminators in the multiscale PatchGAN
     n_layers_d: int = 4
     official_compat: bool = False  # reproduce the official forward exactly (integer PatchMatch)
+    # Activation checkpointing in training (recompute in the backward pass instead of storing):
+    # "iterations" = each PatchMatch iteration's GRU update, its initial layer and the final continuous
+    # read; "full" = those plus the domain adaptors' layers and the generator's SPADE branches;
+    # "auto" = "full" in training at >= 256 px (shorter image side), else "none". Losses and gradients
+    # are the same either way (bit for bit on CPU); memory and time are not.
+    checkpointing: Checkpointing = "auto"
 
     def __post_init__(self) -> None:
         h, w = self.image_size
@@ -44,6 +55,8 @@ class ModelConfig:
             raise ValueError(f"label_nc must be >= 1, got {self.label_nc}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.patchmatch_iters < 1:
             raise ValueError(f"patchmatch_iters must be >= 1, got {self.patchmatch_iters}")
         object.__setattr__(self, "image_size", (int(h), int(w)))
@@ -56,6 +69,14 @@ class ModelConfig:
     def num_levels(self) -> int:
         """Pyramid levels used: H/8, H/4, H/2, H for v2; H/8, H/4 for v1 (matching at H/4)."""
         return 4 if self.correspondence == "patchmatch" else 2
+
+    def checkpoint_levels(self, training: bool) -> tuple[bool, bool]:
+        """(checkpoint the PatchMatch iterations, checkpoint the domain adaptors and the generator) when
+        autograd records a graph; ``training`` (the module's mode) decides only for "auto"."""
+        mode = self.checkpointing
+        if mode == "auto":
+            mode = "full" if training and min(self.image_size) >= AUTO_CHECKPOINT_MIN_SIDE else "none"
+        return mode in ("iterations", "full"), mode == "full"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
