@@ -1,18 +1,22 @@
-"""Correspondence benchmark: vectorised PatchMatchGRU against an official-style per-candidate loop.
+"""Correspondence benchmark: this project's correspondence against an official-style baseline.
 
 What is compared
 ----------------
-* ``ours``: ``model.patchmatch.PatchMatchGRU`` -- all candidates of a pixel gathered with one
-  ``index_select`` on a (B*N, C) row table (chunked; checkpointed under autograd).
-* ``baseline``: ``LoopPatchMatchGRU`` below -- the same module (same initial_layer / refine_net
-  weights, same propagation, same index arithmetic) but every candidate evaluated one at a time the
-  way the official CoCosNet-v2 code does it: ``table[:, idx]`` advanced indexing on a (C, B*N)
-  view, ``torch.sum(left * selected, dim=1)``, per-candidate loop for the final warp too; search
-  under ``no_grad``, final cost with grad, integer (truncated) indices and one ``random.random()``
-  draw per iteration for the propagation order. Before timing, the benchmark asserts that both
-  give the same warps, candidates and feature gradients in ``official_compat`` mode.
+* ``ours``: ``model.correspondence.Correspondence`` as it is: ``PatchMatchGRU`` gathers the candidates
+  of a cache-sized block of pixels at a time into one reused buffer (``model.gather``), the level-0
+  attention runs through ``scaled_dot_product_attention``, and in training at >= 256 the PatchMatch
+  iterations, the final read and the domain adaptors are checkpointed (``ModelConfig.checkpointing``).
+* ``baseline``: the official way of computing the same thing, with the same modules and weights:
+  ``LoopPatchMatchGRU`` below evaluates every candidate one at a time as the official CoCosNet-v2
+  code does (``table[:, idx]`` advanced indexing on a (C, B*N) view, ``torch.sum(left * selected,
+  dim=1)``, per-candidate loop for the final warp too; search under ``no_grad``, final cost with
+  grad, integer (truncated) indices, one ``random.random()`` draw per iteration for the propagation
+  order), level 0 materialises the (hw, hw) logits and softmaxes (``dense_global_attention``), and
+  nothing is checkpointed. Before timing, the benchmark asserts that both give the same warps,
+  candidates and feature gradients in ``official_compat`` mode.
 
-Sections (forward + backward, batch 1, CPU, ``torch.set_num_threads(2)``, module in train mode):
+Sections (forward + backward, batch 1, CPU, ``torch.set_num_threads(2)``, module in train mode;
+with ``--forward``: forward only, module in eval mode under ``torch.no_grad()``, i.e. inference):
 * ``search``: the correspondence search itself -- levels 0-3 (global attention with cycle at H/8,
   then PatchMatch+GRU at H/4, H/2, H) plus the theta/phi 1x1 projections, given fixed domain-adaptor
   features that are leaves requiring grad. This is where the two implementations differ.
@@ -31,17 +35,18 @@ Time: the median of ``--repeats`` iterations after ``--warmup`` untimed ones (``
 ``--warmup-large`` above 256; with no warmup the memory iteration is timed too), as wall-clock
 time and as process CPU time (all threads). The CPU may be shared with other jobs: wall time then
 includes waiting for a core, CPU time much less so; the 1-minute load average is printed per run.
-The full netCorr is run only at ``--netcorr-sizes`` (default 256): at 512 it needs ~20 GiB.
+The full netCorr is run only at ``--netcorr-sizes`` (default 256): at 512 the baseline needs ~20 GiB.
 
-The level-0 attention memory (logits + softmax, (B, hw, hw) float32 each) is printed computed for
-64x64 and 128x128 feature maps (512 and 1024 images) and measured (forward+backward with the
-cycle softmax) for the sizes in ``--attention-measure``.
+The level-0 attention: the (B, hw, hw) float32 matrices the baseline materialises are printed
+computed for 64x64 and 128x128 feature maps (512 and 1024 images), and ours is measured
+(forward+backward with the cycle warp) for the sizes in ``--attention-measure``.
 
 Run from the repository root::
 
     python -m benchmarks.correspondence                      # search at 256 and 512, netCorr at 256
     python -m benchmarks.correspondence --sizes 256 --repeats 3
     python -m benchmarks.correspondence --mode official_compat --sections search
+    python -m benchmarks.correspondence --mode official_compat --forward --sizes 512   # inference
     python -m benchmarks.correspondence --profile 512         # top ops of ours (search section)
 """
 from __future__ import annotations
@@ -64,8 +69,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model.correspondence
 from model.config import ModelConfig
-from model.correspondence import Correspondence, global_attention
+from model.correspondence import AttentionResult, Correspondence, global_attention
 from model.layers import init_xavier
 from model.patchmatch import (PatchMatchGRU, PatchMatchResult, index_to_offsets, offsets_to_positions,
                               positions_to_index)
@@ -112,7 +118,7 @@ class LoopPatchMatchGRU(PatchMatchGRU):
         kept = torch.gather(index, -1, top).transpose(1, 2).reshape(b, -1, h, w)
         return index_to_offsets(kept), top_prob.transpose(1, 2).reshape(b, -1, h, w)
 
-    def forward(self, left, right, exemplar, offsets) -> PatchMatchResult:
+    def forward(self, left, right, exemplar, offsets, checkpointed: bool = False) -> PatchMatchResult:
         b, c, h, w = left.shape
         n = h * w
         hidden = self.initial_layer(torch.cat([left, right], dim=1))
@@ -139,6 +145,20 @@ class LoopPatchMatchGRU(PatchMatchGRU):
                                 index=index, prob=prob)
 
 
+def dense_global_attention(query, key, exemplar, temperature: float, with_cycle: bool) -> AttentionResult:
+    """Level 0 as the official code computes it: the (B, hw, hw) logits and softmax(es) in memory."""
+    b, _, h, w = query.shape
+    logits = torch.bmm(query.flatten(2).transpose(1, 2), key.flatten(2)) / temperature
+    attn = F.softmax(logits, dim=-1)
+    warp = torch.bmm(attn, exemplar.flatten(2).transpose(1, 2))  # (B, hw, 3)
+    cycle = None
+    if with_cycle:
+        cycle = torch.bmm(F.softmax(logits.transpose(1, 2), dim=-1), warp).transpose(1, 2).reshape(b, 3, h, w)
+    index = torch.topk(attn, 1, dim=-1)[1].view(b, h, w)
+    best = torch.stack([torch.div(index, w, rounding_mode="floor"), index % w], dim=1).float()
+    return AttentionResult(warp.transpose(1, 2).reshape(b, 3, h, w), best, cycle)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model and inputs.
 # ----------------------------------------------------------------------------------------------
@@ -149,14 +169,16 @@ class FixedFeatures(nn.Module):
         super().__init__()
         self.feats = [f.detach().clone().requires_grad_(True) for f in feats]
 
-    def forward(self, _x):
+    def forward(self, _x, _checkpointed=False):
         return list(self.feats)
 
 
 def build(size: int, nef: int, mode: str, impl: str) -> Correspondence:
-    """netCorr with deterministic official init; ``impl='baseline'`` swaps in the loop PatchMatch."""
+    """netCorr with deterministic official init; ``impl='baseline'`` swaps in the loop PatchMatch and
+    checkpoints nothing."""
     torch.manual_seed(0)
-    cfg = ModelConfig(image_size=(size, size), nef=nef, official_compat=mode == "official_compat")
+    cfg = ModelConfig(image_size=(size, size), nef=nef, official_compat=mode == "official_compat",
+                      checkpointing="none" if impl == "baseline" else "auto")
     corr = Correspondence(cfg)
     init_xavier(corr)
     if impl == "baseline":
@@ -267,8 +289,11 @@ def measure(step, reset, warmup: int, repeats: int) -> dict:
             "peak_mib": peak_mib, "load": os.getloadavg()[0]}
 
 
-def corr_case(section: str, impl: str, size: int, nef: int, mode: str):
-    """(step, reset) for the search or the full netCorr forward+backward."""
+def corr_case(section: str, impl: str, size: int, nef: int, mode: str, forward_only: bool = False):
+    """(step, reset) for the search or the full netCorr: forward+backward in train mode, or with
+    ``forward_only`` an inference forward (eval mode, no autograd)."""
+    if impl == "baseline":  # this child process measures the baseline only: its level 0 is the dense one
+        model.correspondence.global_attention = dense_global_attention
     corr = build(size, nef, mode, impl)
     inputs = make_inputs(size)
     leaves = fix_features(corr, inputs) if section == "search" else []
@@ -282,6 +307,14 @@ def corr_case(section: str, impl: str, size: int, nef: int, mode: str):
         random.seed(0)
         warp_loss(corr(*inputs)).backward()
 
+    def infer():
+        random.seed(0)
+        with torch.no_grad():
+            corr(*inputs)
+
+    if forward_only:
+        corr.eval()
+        return infer, reset
     return step, reset
 
 
@@ -309,7 +342,8 @@ def run_child(spec: dict) -> dict:
     if spec["section"] == "attention":
         step, reset = attention_case(spec["size"], spec["nef"])
     else:
-        step, reset = corr_case(spec["section"], spec["impl"], spec["size"], spec["nef"], spec["mode"])
+        step, reset = corr_case(spec["section"], spec["impl"], spec["size"], spec["nef"], spec["mode"],
+                                spec.get("forward", False))
     if spec.get("profile"):
         return profile(step, reset)
     return measure(step, reset, spec["warmup"], spec["repeats"])
@@ -366,12 +400,13 @@ def print_table(rows: list[dict]) -> None:
             ratio = b[key] / max(o[key], 1e-9)
             cells.append(f"{show(o[key]):>{width}} {show(b[key]):>{width}} {ratio:>5.2f}x")
         print(" | ".join(cells))
-    print("ratio = baseline / ours: time > 1 means ours is faster (target >= 5x at 512); "
-          "memory >= 2 means ours peaks at most half the baseline (target)")
+    print("ratio = baseline / ours. Targets at 512 (issue 11): default mode, netcorr forward+backward: time >= 1 "
+          "and memory >= 4 (ours at most a quarter of the baseline's); official_compat --forward: time >= 2")
 
 
 def print_attention(measured: dict[int, dict], nef: int) -> None:
-    print(f"\nLevel-0 global attention (batch 1, nef {nef}): (B, hw, hw) float32 matrices")
+    print(f"\nLevel-0 global attention (batch 1, nef {nef}): the baseline's (B, hw, hw) float32 matrices; "
+          "ours measured (flash attention, no such matrix)")
     for feat in (64, 128):
         one = attention_bytes(feat) / 2**20
         line = (f"  {feat:>3}x{feat:<3} features ({8 * feat} image): hw^2 = {(feat * feat) ** 2:>11,d} entries, "
@@ -379,7 +414,7 @@ def print_attention(measured: dict[int, dict], nef: int) -> None:
                 f"+ cycle softmax (train) = {fmt_mib(3 * one)}")
         if feat in measured:
             m = measured[feat]
-            line += f"; measured forward+backward peak {fmt_mib(m['peak_mib'])}"
+            line += f"; ours measured: forward+backward peak {fmt_mib(m['peak_mib'])}, {m['time_s']:.2f} s"
         print(line)
 
 
@@ -396,8 +431,10 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first, up to 256")
     parser.add_argument("--repeats-large", type=int, default=2, help="timed iterations above 256")
     parser.add_argument("--warmup-large", type=int, default=0, help="untimed iterations first, above 256")
-    parser.add_argument("--attention-measure", type=int, nargs="*", default=[64],
-                        help="feature sizes at which to measure level-0 attention (128 needs ~6 GiB)")
+    parser.add_argument("--forward", action="store_true",
+                        help="time inference (eval mode, no autograd) instead of forward+backward in training")
+    parser.add_argument("--attention-measure", type=int, nargs="*", default=[64, 128],
+                        help="feature sizes at which to measure our level-0 attention")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
     parser.add_argument("--check-size", type=int, default=128, help="image size of the equivalence check")
     parser.add_argument("--profile", type=int, metavar="SIZE", help="only profile ours (search section) at SIZE")
@@ -407,7 +444,8 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
         return
-    base_spec = {"nef": args.nef, "mode": args.mode, "threads": args.threads, "warmup": args.warmup, "repeats": 1}
+    base_spec = {"nef": args.nef, "mode": args.mode, "threads": args.threads, "warmup": args.warmup, "repeats": 1,
+                 "forward": args.forward}
     if args.profile:
         spec = dict(base_spec, section="search", impl="ours", size=args.profile, profile=True)
         print(spawn(spec)["table"])
@@ -417,8 +455,9 @@ def main(argv=None) -> None:
     print(f"equivalence (official_compat, {check['size']}x{check['size']}): candidates identical, "
           f"max |warp diff| {check['max_warp_diff']:.2e}, max rel. grad diff {check['max_rel_grad_diff']:.2e}, "
           f"GRU gets a gradient: {check['gru_grad']}")
-    print(f"torch {torch.__version__}, {args.threads} threads, nef {args.nef}, ours in {args.mode} mode, batch 1; "
-          "CPU shared with other jobs: timings are noisy\n")
+    what = "inference forward (eval, no_grad)" if args.forward else "forward+backward (train mode)"
+    print(f"torch {torch.__version__}, {args.threads} threads, nef {args.nef}, ours in {args.mode} mode, batch 1, "
+          f"{what}; CPU shared with other jobs: timings are noisy\n")
 
     rows = []
     for size in args.sizes:

@@ -46,7 +46,8 @@ class CoCosNet(nn.Module):
         return self.corr(input_map, exemplar, exemplar_map, target)
 
     def generate(self, input_map: torch.Tensor, warped: list[torch.Tensor]) -> torch.Tensor:
-        return self.generator(input_map, warped)
+        checkpointed = torch.is_grad_enabled() and self.cfg.checkpoint_levels(self.training)[1]
+        return self.generator(input_map, warped, checkpointed)
 
     def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
                 target: torch.Tensor | None = None) -> CoCosNetOutput:

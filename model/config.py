@@ -7,6 +7,11 @@ from typing import Literal
 
 WarpUpsample = Literal["nearest", "bilinear", "patch"]
 GeneratorInput = Literal["warp_mask", "warp"]
+Checkpointing = Literal["auto", "none", "iterations", "full"]
+CHECKPOINTING = ("auto", "none", "iterations", "full")
+# `auto` checkpoints in training from this image side up: below it the activations are small and
+# recomputing them would only cost time.
+AUTO_CHECKPOINT_MIN_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,12 @@ class ModelConfig:
     num_d: int = 2  # discriminators in the multiscale PatchGAN
     n_layers_d: int = 4
     official_compat: bool = False  # reproduce the official forward exactly (integer PatchMatch); v2 only
+    # Activation checkpointing in training (recompute in the backward pass instead of storing):
+    # "iterations" = each PatchMatch iteration's GRU update, its initial layer and the final continuous
+    # read; "full" = those plus the domain adaptors' layers and the generator's SPADE branches;
+    # "auto" = "full" in training at >= 256 px (shorter image side), else "none". Losses and gradients
+    # are the same either way (bit for bit on CPU); memory and time are not.
+    checkpointing: Checkpointing = "auto"
     # --- CoCosNet v1 only (the official option in brackets)
     match_kernel: int = 3  # [--match_kernel] side of the feature patches the correlation compares
     match_channels: int = 256  # width of the theta/phi matching features (official inter_channels)
@@ -56,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"label_nc must be >= 1, got {self.label_nc}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.patchmatch_iters < 1:
             raise ValueError(f"patchmatch_iters must be >= 1, got {self.patchmatch_iters}")
         if self.match_kernel < 1 or self.match_kernel % 2 == 0:
@@ -69,6 +82,14 @@ class ModelConfig:
     @property
     def num_candidates(self) -> int:
         return self.search_window**2
+
+    def checkpoint_levels(self, training: bool) -> tuple[bool, bool]:
+        """(checkpoint the PatchMatch iterations, checkpoint the domain adaptors and the generator) when
+        autograd records a graph; ``training`` (the module's mode) decides only for "auto"."""
+        mode = self.checkpointing
+        if mode == "auto":
+            mode = "full" if training and min(self.image_size) >= AUTO_CHECKPOINT_MIN_SIDE else "none"
+        return mode in ("iterations", "full"), mode == "full"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -38,19 +38,43 @@ def global_attention(query: torch.Tensor, key: torch.Tensor, exemplar: torch.Ten
     """Full correlation between every input position and every exemplar position.
 
     query, key: (B, C, h, w) normalised features; exemplar: (B, 3, h, w).
-    Memory: two (B, hw, hw) matrices (logits and softmax), e.g. 64 MiB each at 64x64.
+    The warp is ``softmax(q k^T / temperature) @ exemplar`` and the cycle warp
+    ``softmax(k q^T / temperature) @ warp``, both through ``scaled_dot_product_attention`` (its
+    flash kernels on CPU and CUDA keep one row block of the (hw, hw) matrix at a time, forward and
+    backward); the best match is the argmax of the logits, taken a row block at a time. Memory is
+    O(hw * C) instead of two or three (hw, hw) matrices (64 MiB each at 64x64 features, 1 GiB at
+    128x128). Scores run in float32 under autocast: at temperature 0.01 bf16 logits are off by ~1.
     """
-    b, _, h, w = query.shape
-    logits = torch.bmm(query.flatten(2).transpose(1, 2), key.flatten(2)) / temperature  # (B, hw, hw)
-    attn = F.softmax(logits, dim=-1)
-    warp = torch.bmm(attn, exemplar.flatten(2).transpose(1, 2))  # (B, hw, 3)
-    cycle = None
-    if with_cycle:
-        back = F.softmax(logits.transpose(1, 2), dim=-1)
-        cycle = torch.bmm(back, warp).transpose(1, 2).reshape(b, 3, h, w)
-    index = torch.topk(attn, 1, dim=-1)[1].view(b, h, w)
+    b, c, h, w = query.shape
+    with torch.autocast(query.device.type, enabled=False):
+        q_rows = query.float().flatten(2).transpose(1, 2)  # (B, hw, C)
+        k_rows = key.float().flatten(2).transpose(1, 2)
+        image_rows = exemplar.float().flatten(2).transpose(1, 2)  # (B, hw, 3)
+        warp = _attend(q_rows, k_rows, image_rows, temperature)
+        cycle = _attend(k_rows, q_rows, warp, temperature) if with_cycle else None
+        index = _best_key(q_rows.detach(), k_rows.detach())
     best = torch.stack([torch.div(index, w, rounding_mode="floor"), index % w], dim=1).float()
-    return AttentionResult(warp.transpose(1, 2).reshape(b, 3, h, w), best, cycle)
+    to_map = lambda t: t.transpose(1, 2).reshape(b, 3, h, w)  # noqa: E731
+    return AttentionResult(to_map(warp), best.view(b, 2, h, w), None if cycle is None else to_map(cycle))
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(query key^T / temperature) value for (B, L, C), (B, S, C), (B, S, V) -> (B, L, V).
+
+    The CPU flash kernel needs equal head sizes, so the narrower side is zero-padded (zeros change
+    neither the dot products nor the output's first V columns).
+    """
+    v, width = value.shape[-1], max(query.shape[-1], value.shape[-1])
+    pad = lambda t: F.pad(t, (0, width - t.shape[-1])).unsqueeze(1)  # noqa: E731  (B, 1 head, L, width)
+    out = F.scaled_dot_product_attention(pad(query), pad(key), pad(value), scale=1.0 / temperature)
+    return out[:, 0, :, :v]
+
+
+def _best_key(query: torch.Tensor, key: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
+    """(B, L, C), (B, S, C) -> (B, L) index of each query's highest-scoring key, a row block at a time."""
+    rows = max(1, block_elements // key.shape[1])
+    return torch.cat([torch.bmm(query[:, s:s + rows], key.transpose(1, 2)).argmax(-1)
+                      for s in range(0, query.shape[1], rows)], dim=1)
 
 
 @dataclass
@@ -85,11 +109,13 @@ class Correspondence(nn.Module):
     def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
                 target: torch.Tensor | None = None) -> CorrespondenceOutput:
         """``target`` (x_B, the photo of input_map) adds the domain-alignment feature pairs."""
-        feats_a = self.adaptive_model_seg(input_map)
-        feats_b = self.adaptive_model_img(torch.cat([exemplar, exemplar_map], dim=1))
+        grad = torch.is_grad_enabled()
+        iters_ckpt, adaptor_ckpt = self.cfg.checkpoint_levels(self.training) if grad else (False, False)
+        feats_a = self.adaptive_model_seg(input_map, adaptor_ckpt)
+        feats_b = self.adaptive_model_img(torch.cat([exemplar, exemplar_map], dim=1), adaptor_ckpt)
         domain = None
         if target is not None:
-            feats_pair = self.adaptive_model_img(torch.cat([target, input_map], dim=1))
+            feats_pair = self.adaptive_model_img(torch.cat([target, input_map], dim=1), adaptor_ckpt)
             domain = list(zip(feats_a, feats_pair))
         center = self.cfg.pono_c
         warped, matches, candidates, cycle, best = [], [], [], None, None
@@ -103,7 +129,7 @@ class Correspondence(nn.Module):
                 cycle, best = res.cycle, res.best
             else:
                 seed = seed_from_coarse(best, size, self.cfg.search_window, self.cfg.search_dilation)
-                res = self.patch_match(query, key, image, seed)
+                res = self.patch_match(query, key, image, seed, checkpointed=iters_ckpt)
                 candidates.append(res.index)
                 best = res.first if self.cfg.official_compat else res.best
             warped.append(res.warp)

@@ -32,15 +32,16 @@ class SPADEGenerator(nn.Module):
         self.up_3 = block(2 * ngf, ngf)
         self.conv_img = nn.Conv2d(ngf, 3, 3, padding=1)
 
-    def forward(self, input_map: torch.Tensor, warped: list[torch.Tensor]) -> torch.Tensor:
-        """input_map: (B, label_nc, H, W); warped: coarse -> fine (B, 3, h, w) -> (B, 3, H, W)."""
+    def forward(self, input_map: torch.Tensor, warped: list[torch.Tensor], checkpointed: bool = False) -> torch.Tensor:
+        """input_map: (B, label_nc, H, W); warped: coarse -> fine (B, 3, h, w) -> (B, 3, H, W).
+        ``checkpointed``: recompute each block's SPADE branches in the backward pass (SPADEResBlock)."""
         resized = [F.interpolate(w, size=self.image_size, mode="nearest") if w.shape[-2:] != self.image_size
                    else w for w in warped]
         cond = torch.cat([*resized, input_map], dim=1)
         x = self.fc(F.interpolate(cond, size=self.seed_size, mode="nearest"))
-        x = self.head_0(x, cond)
+        x = self.head_0(x, cond, checkpointed)
         x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = self.G_middle_1(self.G_middle_0(x, cond), cond)
+        x = self.G_middle_1(self.G_middle_0(x, cond, checkpointed), cond, checkpointed)
         for block in (self.up_0, self.up_1, self.up_2, self.up_3):
-            x = block(F.interpolate(x, scale_factor=2, mode="nearest"), cond)
+            x = block(F.interpolate(x, scale_factor=2, mode="nearest"), cond, checkpointed)
         return torch.tanh(self.conv_img(leaky_relu(x)))

@@ -7,6 +7,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.utils.checkpoint import checkpoint
+
+
+def maybe_checkpoint(enabled: bool, fn, *args):
+    """``fn(*args)``; when ``enabled``, its activations are recomputed in the backward pass instead of
+    stored. ``fn`` must not run a spectral-normalised module: pass its ``spectral_weight`` in instead."""
+    return checkpoint(fn, *args, use_reentrant=False) if enabled else fn(*args)
+
+
+def spectral_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The weight a forward of the spectral-normalised ``conv`` uses, computed as that forward would
+    (with one power iteration in training mode, which updates u and v in place).
+
+    Checkpointed code takes this weight as an input instead of calling ``conv``: a recomputation
+    must not iterate again (u and v would move twice per step, and another weight be used)."""
+    norm = next(h for h in conv._forward_pre_hooks.values() if isinstance(h, SpectralNorm))
+    return norm.compute_weight(conv, do_power_iteration=conv.training)
+
+
+def conv_with(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv`` applied to ``x`` with ``weight`` in place of its own."""
+    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def leaky_relu(x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +58,11 @@ class SpectralInstanceConv(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0):
         conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False)
         super().__init__(spectral_norm(conv), nn.InstanceNorm2d(out_ch, affine=False))
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight``: the convolution's ``spectral_weight``, when computed beforehand."""
+        conv, norm = self
+        return norm(conv_with(conv, x, spectral_weight(conv) if weight is None else weight))
 
 
 class ResidualBlock(nn.Module):
@@ -104,11 +132,25 @@ class SPADEResBlock(nn.Module):
             self.conv_s = spectral_norm(nn.Conv2d(fin, fout, 1, bias=False))
             self.norm_s = SPADE(fin, cond_channels, hidden, pono, pono_eps)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shortcut = self.conv_s(self.norm_s(x, cond)) if self.learned_shortcut else x
-        dx = self.conv_0(self.pad(leaky_relu(self.norm_0(x, cond))))
-        dx = self.conv_1(self.pad(leaky_relu(self.norm_1(dx, cond))))
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        """``checkpointed``: keep only the inputs of the shortcut and of each norm-activation-convolution
+        branch for the backward pass, and recompute the branches there (the SPADE hidden layers, 128
+        channels at the block's resolution, dominate the block's memory)."""
+        shortcut = x
+        if self.learned_shortcut:
+            shortcut = maybe_checkpoint(checkpointed, self._branch, self.norm_s, self.conv_s,
+                                        spectral_weight(self.conv_s), x, cond)
+        dx = maybe_checkpoint(checkpointed, self._branch, self.norm_0, self.conv_0, spectral_weight(self.conv_0), x, cond)
+        dx = maybe_checkpoint(checkpointed, self._branch, self.norm_1, self.conv_1, spectral_weight(self.conv_1), dx, cond)
         return shortcut + dx
+
+    def _branch(self, norm: SPADE, conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor,
+                cond: torch.Tensor) -> torch.Tensor:
+        """SPADE, then for the 3x3 convolutions leaky ReLU and reflection padding, then ``conv``."""
+        h = norm(x, cond)
+        if conv.kernel_size != (1, 1):
+            h = self.pad(leaky_relu(h))
+        return conv_with(conv, h, weight)
 
 
 def init_xavier(module: nn.Module, gain: float = 0.02) -> None:

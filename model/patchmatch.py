@@ -12,12 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from .gather import gather_dot, gather_mix
+from .layers import maybe_checkpoint
 from .update import UpdateBlock
-
-# Upper bound on gathered candidate features held at once (elements), to keep memory flat at 512+.
-_GATHER_BUDGET = 1 << 24
 
 
 def pixel_grid(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -94,38 +92,26 @@ def propagate(offsets: torch.Tensor, horizontal: bool) -> torch.Tensor:
     return torch.cat([prev, offsets, nxt], dim=2)
 
 
-def _gather_dot(left: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """left (B, n, C), table (B*N, C), index (B, n, K) global rows -> (B, n, K) dot products."""
-    b, n, k = index.shape
-    picked = table.index_select(0, index.reshape(-1)).view(b, n, k, -1)
-    return (picked * left.unsqueeze(2)).sum(-1)
+def _table_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N', K) indices into each image's N rows -> (B*N', K) rows of the (B*N, C) batch table."""
+    b = index.shape[0]
+    return (index + (torch.arange(b, device=index.device) * n).view(b, 1, 1)).flatten(0, 1)
 
 
 def candidate_dots(left: torch.Tensor, right: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Dot products of each pixel's feature with the features at its K candidate positions.
 
     left, right: (B, N, C) features as rows; index: (B, N, K) in [0, N) -> (B, N, K).
-    Chunked over pixels to bound memory; under autograd each chunk is recomputed in the
-    backward pass instead of storing the gathered (N, K, C) features.
     """
     b, n, c = right.shape
-    k = index.shape[-1]
-    table = right.reshape(b * n, c)
-    index = index + (torch.arange(b, device=index.device) * n).view(b, 1, 1)
-    chunk = max(1, _GATHER_BUDGET // max(1, b * k * c))
-    grad = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
-    parts = []
-    for start in range(0, n, chunk):
-        args = (left[:, start:start + chunk], table, index[:, start:start + chunk])
-        parts.append(checkpoint(_gather_dot, *args, use_reentrant=False) if grad else _gather_dot(*args))
-    return torch.cat(parts, dim=1)
+    return gather_dot(left.reshape(-1, c), right.reshape(b * n, c), _table_rows(index, n)).view(b, n, -1)
 
 
-def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table (B, N, C), index (B, N, K) -> (B, N, K, C)."""
+def candidate_mix(weight: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each pixel's K candidate rows: weight (B, N, K), table (B, N, C), index (B, N, K)
+    -> (B, N, C)."""
     b, n, c = table.shape
-    flat = index + (torch.arange(b, device=index.device) * n).view(b, 1, 1)
-    return table.reshape(b * n, c).index_select(0, flat.reshape(-1)).view(*index.shape, c)
+    return gather_mix(weight.flatten(0, 1), table.reshape(b * n, c), _table_rows(index, n)).view(b, -1, c)
 
 
 def bilinear_corners(positions: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +145,9 @@ class PatchMatchGRU(nn.Module):
     warp loss reaches the GRU. ``official_compat`` reproduces the official forward: integer
     candidates (truncated indices) and one ``random.random() < 0.5`` draw per iteration choosing
     horizontal-then-vertical propagation; the default mode alternates the order instead.
+
+    Matching scores and their softmax are computed in float32 whatever the autocast dtype: the
+    temperature (0.01) multiplies the rounding error of a bf16 dot product by 100.
     """
 
     def __init__(self, feat_ch: int, num_candidates: int = 16, iters: int = 5, temperature: float = 0.01,
@@ -193,41 +182,61 @@ class PatchMatchGRU(nn.Module):
         offsets, _ = self._evaluate(left, right, propagate(offsets, horizontal_first))
         return self._evaluate(left, right, propagate(offsets, not horizontal_first))
 
+    def _initial_hidden(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return self.initial_layer(torch.cat([left, right], dim=1))
+
+    def _continuous_read(self, left_rows, right_rows, image_rows, positions):
+        """Score and warp at continuous positions: each candidate's feature and colour are bilinear
+        in its four corner pixels, so the scores and the warp are differentiable in the positions.
+
+        (B, N, C), (B, N, C), (B, N, 3), positions (B, 2, K, h, w) -> warp (B, N, 3), prob (B, N, K).
+        """
+        b, _, k, h, w = positions.shape
+        corners, weight = bilinear_corners(positions, h, w)  # (B, N, K, 4) each
+        corners = corners.flatten(2)
+        dots = candidate_dots(left_rows, right_rows, corners).view(b, -1, k, 4)
+        prob = F.softmax((dots * weight).sum(-1) / self.temperature, dim=-1)
+        warp = candidate_mix((prob.unsqueeze(-1) * weight).flatten(2), image_rows, corners)
+        return warp, prob
+
     def forward(self, left: torch.Tensor, right: torch.Tensor, exemplar: torch.Tensor,
-                offsets: torch.Tensor) -> PatchMatchResult:
+                offsets: torch.Tensor, checkpointed: bool = False) -> PatchMatchResult:
         """left: (B, C, h, w) input features, right: (B, C, h, w) exemplar features,
-        exemplar: (B, 3, h, w) image to warp, offsets: (B, 2, K, h, w) initial candidates."""
+        exemplar: (B, 3, h, w) image to warp, offsets: (B, 2, K, h, w) initial candidates.
+
+        ``checkpointed``: keep only each iteration's inputs (hidden state, candidates and their
+        probabilities) for the backward pass and recompute the GRU update there; the same for the
+        initial layer and the final continuous read. The search itself runs without a graph, so it
+        is never recomputed.
+        """
         b, c, h, w = left.shape
+        left, right, exemplar = left.float(), right.float(), exemplar.float()
         # Rows must be contiguous: every candidate gather and dot product walks them.
         left_rows = left.flatten(2).transpose(1, 2).contiguous()
         right_rows = right.flatten(2).transpose(1, 2).contiguous()
+        image_rows = exemplar.flatten(2).transpose(1, 2).contiguous()
         offsets = offsets.detach()
         # With integer candidates (official) nothing downstream depends on the GRU differentiably,
         # so recording its graph would only hold every iteration's activations in memory.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.official_compat):
-            hidden = self.initial_layer(torch.cat([left, right], dim=1))
+        grad = torch.is_grad_enabled() and not self.official_compat
+        with torch.set_grad_enabled(grad):
+            hidden = maybe_checkpoint(checkpointed and grad, self._initial_hidden, left, right)
             for it in range(self.iters):
                 horizontal_first = random.random() < 0.5 if self.official_compat else it % 2 == 0
                 offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first)
-                hidden, delta = self.refine_net(hidden, corr, offsets.flatten(1, 2))
+                hidden, delta = maybe_checkpoint(checkpointed and grad, self.refine_net, hidden, corr, offsets.flatten(1, 2))
                 offsets = offsets + delta.view_as(offsets)
         positions = offsets_to_positions(offsets)
-        image_rows = exemplar.flatten(2).transpose(1, 2)
         if self.official_compat:
             index = positions_to_index(positions, truncate=True).flatten(2).transpose(1, 2)
             prob = F.softmax(candidate_dots(left_rows, right_rows, index) / self.temperature, dim=-1)
-            warp = (gather_rows(image_rows, index) * prob.unsqueeze(-1)).sum(2)
-        else:
-            corners, weight = bilinear_corners(positions, h, w)
-            k = corners.shape[2]
-            dots = candidate_dots(left_rows, right_rows, corners.flatten(2)).view(b, -1, k, 4)
-            prob = F.softmax((dots * weight).sum(-1) / self.temperature, dim=-1)
-            colours = (gather_rows(image_rows, corners.flatten(2)).view(b, -1, k, 4, 3) * weight.unsqueeze(-1)).sum(3)
-            warp = (colours * prob.unsqueeze(-1)).sum(2)
-            index = positions_to_index(positions.detach(), truncate=False).flatten(2).transpose(1, 2)
-        pos_rows = positions.flatten(3).permute(0, 3, 2, 1)  # (B, N, K, 2)
-        if self.official_compat:
+            warp = candidate_mix(prob, image_rows, index)
             pos_rows = torch.stack([torch.div(index, w, rounding_mode="floor"), index % w], -1).float()
+        else:
+            warp, prob = maybe_checkpoint(checkpointed and torch.is_grad_enabled(), self._continuous_read,
+                                          left_rows, right_rows, image_rows, positions)
+            index = positions_to_index(positions.detach(), truncate=False).flatten(2).transpose(1, 2)
+            pos_rows = positions.detach().flatten(3).permute(0, 3, 2, 1)  # (B, N, K, 2)
         best = torch.gather(pos_rows, 2, prob.argmax(-1)[..., None, None].expand(-1, -1, 1, 2)).squeeze(2)
         to_map = lambda t: t.transpose(1, 2).reshape(b, 2, h, w)  # noqa: E731
         return PatchMatchResult(
@@ -235,3 +244,4 @@ class PatchMatchGRU(nn.Module):
             best=to_map(best), first=to_map(pos_rows[:, :, 0]),
             index=index, prob=prob,
         )
+

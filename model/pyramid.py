@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import ResidualBlock, SPADEResBlock, SpectralInstanceConv, channel_normalize, leaky_relu
+from .layers import (ResidualBlock, SPADEResBlock, SpectralInstanceConv, channel_normalize, leaky_relu,
+                     maybe_checkpoint, spectral_weight)
 
 
 class DomainAdaptor(nn.Module):
@@ -30,15 +31,23 @@ class DomainAdaptor(nn.Module):
             self.add_module(name, SPADEResBlock(fin, fout, in_ch, hidden, pono))
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, checkpointed: bool = False) -> list[torch.Tensor]:
+        """``checkpointed``: keep only each layer's input and output for the backward pass and recompute
+        the layers there (at 512x512 the two adaptors otherwise keep ~9 GiB of activations)."""
         cond = x
-        x2 = self.layer2(leaky_relu(self.layer1(x)))
-        x3 = self.layer3(leaky_relu(x2))
-        x4 = self.layer4(leaky_relu(x3))
-        x5 = self.layer5(leaky_relu(x4))
-        feats = [self.head_0(x5, cond)]
-        skips = [x4, x3, x2]
+        skips = [maybe_checkpoint(checkpointed, self.layer1, x, spectral_weight(self.layer1[0]))]
+        for layer in (self.layer2, self.layer3, self.layer4, self.layer5):
+            skips.append(maybe_checkpoint(checkpointed, _encode, layer, spectral_weight(layer[0][0]), skips[-1]))
+        _, x2, x3, x4, x5 = skips
+        feats = [self.head_0(x5, cond, checkpointed)]
         blocks = [self.G_middle_0, self.G_middle_1, self.G_middle_2]
-        for block, skip in zip(blocks, skips):
-            feats.append(block(self.up(feats[-1]) + skip, cond))
+        for block, skip in zip(blocks, (x4, x3, x2)):
+            feats.append(block(self.up(feats[-1]) + skip, cond, checkpointed))
         return [channel_normalize(f) for f in feats]
+
+
+def _encode(layer: nn.Sequential, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """layer = (SpectralInstanceConv, ResidualBlock) applied to leaky_relu(x), with the convolution's
+    ``spectral_weight`` given."""
+    conv, residual = layer
+    return residual(conv(leaky_relu(x), weight))

@@ -24,14 +24,24 @@ class MotionEncoder(nn.Module):
     def forward(self, flow: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
         cor = F.relu(self.convc2(F.relu(self.convc1(corr))))
         flo = F.relu(self.convf2(F.relu(self.convf1(flow))))
-        out = F.relu(self.conv(torch.cat([cor, flo], dim=1)))
-        return torch.cat([out, flow], dim=1)
+        # self.conv over cat([cor, flo]) as two convolutions over its weight's halves: no concatenation
+        # is built (and kept for the backward pass).
+        split = cor.shape[1]
+        weight = self.conv.weight
+        out = F.conv2d(cor, weight[:, :split], self.conv.bias, padding=self.conv.padding)
+        out = out + F.conv2d(flo, weight[:, split:], padding=self.conv.padding)
+        return torch.cat([F.relu(out), flow], dim=1)
 
 
 class SepConvGRU(nn.Module):
     """Convolutional GRU with a horizontal (1x5) then a vertical (5x1) pass.
 
     h: (B, hidden, H, W), x: (B, input, H, W) -> (B, hidden, H, W)
+
+    The parameters keep the official layout (one convolution per gate over ``cat([h, x])``), so
+    official checkpoints load as they are. The forward pass splits each gate's weight into its h
+    and x columns instead: the x parts of all three gates run as one convolution and the h parts
+    of z and r as another, so no concatenation is built and fewer tensors are kept for backward.
     """
 
     def __init__(self, hidden_dim: int = 32, input_dim: int = 64):
@@ -46,11 +56,17 @@ class SepConvGRU(nn.Module):
 
     @staticmethod
     def _step(h, x, convz, convr, convq):
-        hx = torch.cat([h, x], dim=1)
-        z = torch.sigmoid(convz(hx))
-        r = torch.sigmoid(convr(hx))
-        q = torch.tanh(convq(torch.cat([r * h, x], dim=1)))
-        return (1 - z) * h + z * q
+        hd, pad = h.shape[1], convz.padding
+        wz, wr, wq = convz.weight, convr.weight, convq.weight
+        from_x = F.conv2d(x, torch.cat([wz[:, hd:], wr[:, hd:], wq[:, hd:]]),
+                          torch.cat([convz.bias, convr.bias, convq.bias]), padding=pad)
+        from_h = F.conv2d(h, torch.cat([wz[:, :hd], wr[:, :hd]]), padding=pad)
+        xz, xr, xq = from_x.split(hd, dim=1)
+        hz, hr = from_h.split(hd, dim=1)
+        z = torch.sigmoid(xz + hz)
+        r = torch.sigmoid(xr + hr)
+        q = torch.tanh(xq + F.conv2d(r * h, wq[:, :hd], padding=pad))
+        return h + z * (q - h)  # = (1 - z) * h + z * q
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = self._step(h, x, self.convz1, self.convr1, self.convq1)

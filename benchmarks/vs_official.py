@@ -1,0 +1,151 @@
+"""Side by side with the official code: the official CoCosNet-v2 netCorr and this project's default
+correspondence, forward + backward of the summed warp means, each in its own process.
+
+No official code is part of this project: pass a checkout of microsoft/CoCosNet-v2 (MIT) with
+``--official``. It is run unmodified; the child process only makes ``Tensor.get_device()`` return the
+tensor's device (the official PatchMatch calls ``.to(tensor.get_device())``, which is -1 on a CPU).
+
+What runs (batch 1, CPU, ``torch.set_num_threads(--threads)``, nef 32, 20 label channels):
+
+* official: ``NoVGGHPMCorrespondence`` built from the README's DeepFashionHD training options
+  (``--PONO --PONO_C --match_kernel 1 --featEnc_kernel 3 --iteration_count 5 --temperature 0.01
+  --weight_warp_cycle 1.0``, phase ``train``, so its level-0 cycle warp is computed), xavier init,
+  train mode; ``--official-featpair`` also sets isTrain (its third adaptor pass and feature loss);
+* ours: ``CoCosNet(ModelConfig(image_size=(S, S), label_nc=20, nef=32)).train()`` and
+  ``net.correspondence(input_map, exemplar, exemplar_map)`` -- the default mode, with ``auto``
+  checkpointing.
+
+Both get the same inputs (blocky one-hot maps, a smooth exemplar) and the loss
+``sum(w.mean() for w in warps)``. Each process runs ``--repeats`` forward+backward passes and reports
+their wall and CPU times and its peak RSS (``ru_maxrss``, the whole process: interpreter, weights,
+inputs and the passes), which is what an out-of-memory killer sees. Ratios are official / ours.
+
+    python -m benchmarks.vs_official --official ~/src/CoCosNet-v2                 # 512: ~15 min, ~18 GiB
+    python -m benchmarks.vs_official --official ~/src/CoCosNet-v2 --ours-only --sizes 1024
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+from benchmarks.correspondence import make_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def official_net(checkout: Path, featpair: bool):
+    """The official netCorr with the README's DeepFashionHD options, in train mode."""
+    sys.path.insert(0, str(checkout))
+    torch.Tensor.get_device = lambda self: self.device  # CPU: -1 would break the official `.to(device)`
+    from models.networks.correspondence import NoVGGHPMCorrespondence
+
+    opt = Namespace(semantic_nc=20, label_nc=20, nef=32, featEnc_kernel=3, norm_E="spectralinstance",
+                    norm_G="spectralspadesyncbatch3x3", PONO=True, PONO_C=True, match_kernel=1, temperature=0.01,
+                    iteration_count=5, batchSize=1, isTrain=featpair, phase="train", weight_warp_cycle=1.0,
+                    weight_novgg_featpair=10.0)
+    torch.manual_seed(0)
+    net = NoVGGHPMCorrespondence(opt)
+    net.init_weights("xavier", 0.02)
+    net.train()
+
+    def step(input_map, exemplar, exemplar_map):
+        out = net(exemplar, exemplar, input_map, exemplar_map)  # (ref_img, real_img, seg_map, ref_seg_map)
+        loss = sum(w.mean() for w in out["warp_out"])
+        return loss + out["loss_novgg_featpair"] if featpair else loss
+
+    return net, step
+
+
+def our_net(size: int):
+    from model import CoCosNet, ModelConfig
+
+    torch.manual_seed(0)
+    net = CoCosNet(ModelConfig(image_size=(size, size), label_nc=20, nef=32)).train()
+
+    def step(input_map, exemplar, exemplar_map):
+        return sum(w.mean() for w in net.correspondence(input_map, exemplar, exemplar_map).warped)
+
+    return net, step
+
+
+def run_child(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    size = spec["size"]
+    net, step = (official_net(Path(spec["official"]), spec["featpair"]) if spec["impl"] == "official"
+                 else our_net(size))
+    inputs = make_inputs(size)
+    setup_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times, cpu = [], []
+    for _ in range(spec["repeats"]):
+        net.zero_grad(set_to_none=True)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(*inputs).backward()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"times_s": times, "cpu_s": cpu, "time_s": statistics.median(times), "cpu_median_s": statistics.median(cpu),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "setup_rss_mib": setup_mib,
+            "load": os.getloadavg()}
+
+
+def spawn(spec: dict) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/correspondence.py
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.vs_official", "--child", json.dumps(spec)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def describe(name: str, size: int, r: dict) -> str:
+    runs = ", ".join(f"{t:.1f}" for t in r["times_s"])
+    load = " ".join(f"{x:.1f}" for x in r["load"])
+    return (f"{name:<8} {size:>4}: median {r['time_s']:.1f} s wall (runs {runs}), {r['cpu_median_s']:.1f} s CPU, "
+            f"peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB (after setup {r['setup_rss_mib'] / 1024:.2f}), load {load}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--official", type=Path, help="a checkout of microsoft/CoCosNet-v2")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512])
+    parser.add_argument("--repeats", type=int, default=3, help="forward+backward passes per process")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--official-featpair", action="store_true",
+                        help="official isTrain: also its third adaptor pass and feature-pair loss")
+    parser.add_argument("--ours-only", action="store_true", help="skip the official runs (e.g. at 1024)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+    if not args.ours_only and (args.official is None or not (args.official / "models/networks/patch_match.py").is_file()):
+        parser.error("--official must point at a CoCosNet-v2 checkout (models/networks/patch_match.py), or pass --ours-only")
+    print(f"torch {torch.__version__}, {args.threads} threads, batch 1, nef 32, {args.repeats} passes per process")
+    base = {"threads": args.threads, "repeats": args.repeats, "official": str(args.official),
+            "featpair": args.official_featpair}
+    for size in args.sizes:
+        ours = spawn(dict(base, impl="ours", size=size)) if args.ours_only else None
+        if not args.ours_only:
+            official = spawn(dict(base, impl="official", size=size))
+            print(describe("official", size, official), flush=True)
+            ours = spawn(dict(base, impl="ours", size=size))
+        print(describe("ours", size, ours), flush=True)
+        if not args.ours_only:
+            print(f"  official / ours: time {official['time_s'] / ours['time_s']:.2f}x, "
+                  f"CPU {official['cpu_median_s'] / ours['cpu_median_s']:.2f}x, "
+                  f"peak RSS {official['peak_rss_mib'] / ours['peak_rss_mib']:.2f}x "
+                  f"(ours at {ours['peak_rss_mib'] / official['peak_rss_mib']:.3f} of the official's)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The memory- and time-saving paths of the correspondence compute what the plain formulas compute:
+chunked candidate gathers, split-weight ConvGRU, flash-attention level 0, activation checkpointing,
+float32 scores under bf16 autocast."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model.gather as gather
+import model.patchmatch as patchmatch
+from model import CoCosNet, ModelConfig
+from model.correspondence import global_attention, matching_features
+from model.update import SepConvGRU
+
+from .test_model import inputs, tiny_config, warp_loss
+
+
+def _table_case(rows=37, table_rows=29, k=5, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randn(rows, c, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(rows, k, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(table_rows, c, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, table_rows, (rows, k), generator=g)  # with repeats: index_add must accumulate
+    return left, weight, table, index
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7, 1 << 19])
+def test_gathers_equal_the_plain_formulas_in_any_chunking(monkeypatch, chunk_elements):
+    monkeypatch.setattr(gather, "CHUNK_ELEMENTS", chunk_elements)
+    left, weight, table, index = _table_case()
+    torch.testing.assert_close(gather.gather_dot(left, table, index), (table[index] * left[:, None]).sum(-1))
+    torch.testing.assert_close(gather.gather_mix(weight, table, index), (table[index] * weight[..., None]).sum(1))
+
+
+def test_gather_gradients_are_exact():
+    left, weight, table, index = _table_case(rows=11, table_rows=7, k=4, c=3)
+    assert torch.autograd.gradcheck(lambda a, t: gather.gather_dot(a, t, index), (left, table))
+    assert torch.autograd.gradcheck(lambda w, t: gather.gather_mix(w, t, index), (weight, table))
+
+
+def test_split_weight_gru_equals_the_official_concatenating_gru():
+    torch.manual_seed(0)
+    gru = SepConvGRU(hidden_dim=4, input_dim=6).double()
+    h, x = torch.randn(2, 4, 7, 9, dtype=torch.float64), torch.randn(2, 6, 7, 9, dtype=torch.float64)
+
+    def official(h, x):  # the official SepConvGRU: one convolution per gate over cat([h, x])
+        for convz, convr, convq in ((gru.convz1, gru.convr1, gru.convq1), (gru.convz2, gru.convr2, gru.convq2)):
+            hx = torch.cat([h, x], dim=1)
+            z, r = torch.sigmoid(convz(hx)), torch.sigmoid(convr(hx))
+            q = torch.tanh(convq(torch.cat([r * h, x], dim=1)))
+            h = (1 - z) * h + z * q
+        return h
+
+    torch.testing.assert_close(gru(h, x), official(h, x), rtol=1e-12, atol=1e-12)
+    assert sorted(gru.state_dict()) == sorted(f"conv{g}{i}.{p}" for g in "zrq" for i in "12" for p in ("weight", "bias"))
+
+
+@pytest.mark.parametrize("c", [2, 8])  # narrower than the 3 colour channels too (the flash kernel pads)
+def test_level0_attention_equals_the_dense_softmax(c):
+    g = torch.Generator().manual_seed(1)
+    query = matching_features(torch.randn(2, c, 6, 5, generator=g), center=False).requires_grad_()
+    key = matching_features(torch.randn(2, c, 6, 5, generator=g), center=False).requires_grad_()
+    image = torch.rand(2, 3, 6, 5, generator=g)
+    res = global_attention(query, key, image, temperature=0.05, with_cycle=True)
+    (res.warp.square().sum() + res.cycle.sum()).backward()
+
+    q64, k64 = query.detach().double().requires_grad_(), key.detach().double().requires_grad_()
+    logits = q64.flatten(2).transpose(1, 2) @ k64.flatten(2) / 0.05  # (B, hw, hw)
+    warp = torch.softmax(logits, -1) @ image.double().flatten(2).transpose(1, 2)
+    cycle = torch.softmax(logits.transpose(1, 2), -1) @ warp
+    (warp.square().sum() + cycle.sum()).backward()
+    to_map = lambda t: t.transpose(1, 2).reshape(2, 3, 6, 5).float()  # noqa: E731
+    torch.testing.assert_close(res.warp, to_map(warp), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.cycle, to_map(cycle), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(query.grad, q64.grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(key.grad, k64.grad.float(), rtol=1e-4, atol=1e-4)
+    index = logits.argmax(-1)
+    assert torch.equal(res.best.flatten(2).long(), torch.stack([index // 5, index % 5], dim=1))
+
+
+def _loss_and_grads(cfg: ModelConfig):
+    torch.manual_seed(0)
+    net = CoCosNet(cfg).train()
+    x_a, y_b, y_a, x_b = inputs(cfg.image_size, b=2)
+    out = net(x_a, y_b, y_a, target=x_b)
+    domain = sum(F.l1_loss(a, b) for a, b in out.domain_features)
+    loss = F.l1_loss(out.image, x_b) + warp_loss(out, x_b) + out.cycle.mean() + domain
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in net.named_parameters()}
+
+
+def test_checkpointed_training_gives_the_same_loss_and_gradients():
+    """Tolerance: bit-identical. The recomputation repeats the same float32 operations on the same
+    inputs (the search, the only part with discrete choices, is never recomputed)."""
+    loss_plain, grads_plain = _loss_and_grads(tiny_config((64, 64), checkpointing="none"))
+    loss_ckpt, grads_ckpt = _loss_and_grads(tiny_config((64, 64), checkpointing="full"))
+    assert torch.equal(loss_plain, loss_ckpt)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    different = [n for n in grads_plain if not torch.equal(grads_plain[n], grads_ckpt[n])]
+    assert different == []
+
+
+def test_auto_checkpointing_engages_in_training_from_256(monkeypatch):
+    assert ModelConfig(image_size=(256, 256)).checkpoint_levels(training=True) == (True, True)
+    assert ModelConfig(image_size=(256, 224)).checkpoint_levels(training=True) == (False, False)
+    assert ModelConfig(image_size=(512, 512)).checkpoint_levels(training=False) == (False, False)
+    assert ModelConfig(checkpointing="iterations").checkpoint_levels(training=False) == (True, False)
+    assert ModelConfig(image_size=(512, 512), checkpointing="none").checkpoint_levels(training=True) == (False, False)
+    with pytest.raises(ValueError, match="checkpointing"):
+        ModelConfig(checkpointing="always")
+
+    # The reviewers' usage: a train-mode model, autograd on, correspondence only.
+    calls = []
+    real = patchmatch.maybe_checkpoint
+    monkeypatch.setattr(patchmatch, "maybe_checkpoint", lambda on, fn, *a: calls.append(on) or real(on, fn, *a))
+    net = CoCosNet(ModelConfig(image_size=(256, 256), label_nc=3, nef=4, ngf=4, spade_hidden=4,
+                               patchmatch_iters=1)).train()
+    x_a, y_b, y_a, _ = inputs((256, 256))
+    x_a = x_a[:, :3]
+    sum(w.mean() for w in net.correspondence(x_a, y_b, x_a).warped).backward()
+    assert calls and all(calls)
+    calls.clear()
+    with torch.no_grad():
+        net.correspondence(x_a, y_b, x_a)
+    assert calls and not any(calls)
+
+
+def test_scores_stay_float32_under_bf16_autocast():
+    """CPU bf16 autocast stands in for CUDA's: convolutions run in bf16, the PatchMatch and level-0
+    scores and softmax in float32, so the candidate probabilities are proper distributions."""
+    cfg = tiny_config((64, 64))
+    torch.manual_seed(0)
+    net = CoCosNet(cfg).train()
+    x_a, y_b, y_a, x_b = inputs(cfg.image_size)
+    with torch.no_grad():
+        full = net.correspondence(x_a, y_b, y_a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = {}
+        real = patchmatch.candidate_dots
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(patchmatch, "candidate_dots", lambda *a: seen.setdefault("dtype", real(*a).dtype) and real(*a))
+            out = net.correspondence(x_a, y_b, y_a)
+        warp_loss(out, x_b).backward()
+    assert seen["dtype"] == torch.float32
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in out.warped)
+    assert (out.warped[0] - full.warped[0]).abs().mean() < 0.05  # same attention, bf16 features
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
