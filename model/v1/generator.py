@@ -37,17 +37,19 @@ class GeneratorV1(nn.Module):
         self.up_3 = block(2 * ngf, ngf)
         self.conv_img = nn.Conv2d(ngf, 3, 3, padding=1)
 
-    def forward(self, input_map: torch.Tensor, warped: list[torch.Tensor]) -> torch.Tensor:
-        """input_map: (B, label_nc, H, W); warped: coarse -> fine, the last (B, 3, H, W) -> (B, 3, H, W)."""
+    def forward(self, input_map: torch.Tensor, warped: list[torch.Tensor], checkpointed: bool = False) -> torch.Tensor:
+        """input_map: (B, label_nc, H, W); warped: coarse -> fine, the last (B, 3, H, W) -> (B, 3, H, W).
+        ``checkpointed``: recompute each block's SPADE branches in the backward pass (SPADEResBlock)."""
         cond = torch.cat([warped[-1], input_map], dim=1) if self.with_map else warped[-1]
         up = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")  # noqa: E731
+        block = lambda module, x: module(x, cond, checkpointed)  # noqa: E731
         x = self.fc(F.interpolate(cond, size=self.seed_size, mode="nearest"))
-        x = up(self.head_0(x, cond))
-        x = up(self.G_middle_1(self.G_middle_0(x, cond), cond))
-        x = up(self.up_0(x, cond))
-        x = up(self.up_1(x, cond))
+        x = up(block(self.head_0, x))
+        x = up(block(self.G_middle_1, block(self.G_middle_0, x)))
+        x = up(block(self.up_0, x))
+        x = up(block(self.up_1, x))
         if self.attn is not None:
             x = self.attn(x)
-        x = up(self.up_2(x, cond))
-        x = self.up_3(x, cond)
+        x = up(block(self.up_2, x))
+        x = block(self.up_3, x)
         return torch.tanh(self.conv_img(leaky_relu(x)))
