@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 
+from pipeline.data.loader import make_loader
 from pipeline.inference import Translator
 from pipeline.serving import INPUTS, decode_image, encode_file
 from pipeline.tracking import load_model, manifest_sha256
