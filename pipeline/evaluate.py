@@ -45,8 +45,8 @@ from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
 from pipeline.data.loader import make_loader, read_manifest
 from pipeline.data.sources.synthetic import SyntheticSource, render
 from pipeline.params import from_mapping
-from pipeline.train.export import read_run_info
-from pipeline.train.grid import sample_grid
+from pipeline.model_files import load_model, read_run_info
+from pipeline.viz import sample_grid
 
 CURVE_THRESHOLDS = tuple(float(t) for t in np.arange(0.0, 10.01, 0.5))  # PCK curve (px)
 
@@ -377,13 +377,10 @@ def run_evaluation(params: Mapping[str, Any], *, model_ref: str = "models", shar
     import mlflow
 
     from pipeline import tracking
-    from pipeline.train.config import MlflowConfig
 
     cfg = EvalConfig.from_dict(params.get("evaluate") or {})
-    uri = tracking.tracking_uri(MlflowConfig.from_dict(params.get("mlflow") or {}))
-    if not Path(model_ref).is_dir():
-        mlflow.set_tracking_uri(uri)
-    net = tracking.load_model(model_ref, cfg.device)
+    uri = tracking.tracking_uri(tracking.MlflowConfig.from_params(params))
+    net = load_model(model_ref, cfg.device, tracking_uri=uri)
     result = evaluate_model(net, shards, cfg, progress=progress)
 
     reports = Path(reports_dir)

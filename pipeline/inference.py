@@ -39,7 +39,7 @@ from pipeline.data.imageio import fit, read_gray, read_label_png, read_photo
 from pipeline.data.loader import image_to_float, map_to_float
 from pipeline.data.maps import as_edge_map, canny_edges
 from pipeline.data.pose import NUM_JOINTS, POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
-from pipeline.train.export import read_model_files, read_run_info
+from pipeline.model_files import is_model_uri, load_model, read_run_info
 
 TASKS = ("mask", "edge", "pose")
 # OpenPose BODY_25 -> COCO-18 joint order (BODY_25 adds MidHip at 8 and six foot points at the end).
@@ -309,19 +309,12 @@ def recorded_task(folder: Path) -> str | None:
 
 
 def load(model_ref: str | Path, device: torch.device | str = "cpu", task: str | None = None) -> Translator:
-    """A Translator for an exported model folder (models/, or one written by convert-official) or an MLflow
-    model URI (models:/name@alias, models:/name/version, runs:/<id>/model; tracking URI from
-    $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db). task: None infers it (see infer_task)."""
+    """A Translator for a model folder (models/, or one written by convert-official) or an MLflow model URI
+    (pipeline.model_files.load_model; tracking URI from $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).
+    task: None takes the one recorded in the folder's run.json, else infers it per input (see infer_task)."""
     device = resolve_device(device)
-    path = Path(model_ref)
-    if path.is_dir():
-        return Translator(read_model_files(path, device), task or recorded_task(path), device)
-    if ":/" not in str(model_ref):
-        raise FileNotFoundError(f"{model_ref}: neither a model folder nor an MLflow model URI "
-                                "(models:/<name>@<alias>, runs:/<run id>/model)")
-    from pipeline.tracking import load_model  # MLflow is a slow import: only for URIs
-
-    return Translator(load_model(str(model_ref), device), task, device)
+    net = load_model(model_ref, device)
+    return Translator(net, task or (None if is_model_uri(model_ref) else recorded_task(Path(model_ref))), device)
 
 
 # ---------------------------------------------------------------- a figure of translations
@@ -331,11 +324,9 @@ def figure(translator: Translator, shards: str | Path, out: str | Path, rows: in
            scale: int | None = None) -> Path:
     """A PNG grid input | exemplar | warped (finest level) | output for `rows` distinct images of a shard split,
     each translated with its real (retrieved or listed) exemplar. Tiles are upscaled (nearest) to >= 192 px."""
-    import cv2
-
     from pipeline.data.imageio import atomic_write_bytes
     from pipeline.data.loader import make_loader
-    from pipeline.train.grid import SEPARATOR, image_to_rgb, map_to_rgb
+    from pipeline.viz import image_to_rgb, map_to_rgb, png_bytes, tile
 
     cfg = translator.cfg
     loader = make_loader(shards, batch_size=rows * 4, split=split, image_size=cfg.image_size,
@@ -354,22 +345,7 @@ def figure(translator: Translator, shards: str | Path, out: str | Path, rows: in
     h, w = cfg.image_size
     scale = scale or max(1, -(-192 // min(h, w)))
     size = (h * scale, w * scale)
-    columns = {"input": torch.nn.functional.interpolate(map_to_rgb(x_a).cpu(), size=size, mode="nearest"),
-               "exemplar": image_to_rgb(y_b.cpu(), size), "warped": image_to_rgb(result.warped[-1].cpu(), size),
-               "output": image_to_rgb(result.image.cpu(), size)}
-    header = 28
-    th, tw = size
-    grid = np.full((header + len(picked) * (th + SEPARATOR) - SEPARATOR,
-                    len(columns) * (tw + SEPARATOR) - SEPARATOR, 3), 255, np.uint8)
-    for col, (title, tiles) in enumerate(columns.items()):
-        x = col * (tw + SEPARATOR)
-        (text_w, _), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
-        cv2.putText(grid, title, (x + (tw - text_w) // 2, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-        for row in range(len(picked)):
-            y = header + row * (th + SEPARATOR)
-            grid[y : y + th, x : x + tw] = (tiles[row].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    if not ok:
-        raise DataError(f"{out}: PNG encoding failed")
-    atomic_write_bytes(out, png.tobytes())
+    columns = {"input": map_to_rgb(x_a, size), "exemplar": image_to_rgb(y_b, size),
+               "warped": image_to_rgb(result.warped[-1], size), "output": image_to_rgb(result.image, size)}
+    atomic_write_bytes(out, png_bytes(tile(list(columns.values()), titles=list(columns)), compression=9))
     return Path(out)

@@ -134,7 +134,7 @@ def test_changed_params_rebuild_instead_of_reusing(built, tmp_path):
 
 
 def test_stages_run_from_params_yaml(tmp_path, monkeypatch):
-    from stages import prepare, shard
+    from pipeline.cli import main
 
     params = {
         "data": {"source": "synthetic", "root": None, "task": "edge", "image_size": 32, "label_nc": 1, "seed": 0,
@@ -145,8 +145,8 @@ def test_stages_run_from_params_yaml(tmp_path, monkeypatch):
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    assert prepare.main([]) == 0
-    assert shard.main([]) == 0
+    assert main(["prepare"]) == 0
+    assert main(["shard"]) == 0
     manifest = json.loads((tmp_path / "data/shards/manifest.json").read_text())
     assert manifest["task"] == "edge" and manifest["input_encoding"] == "channels"
     assert manifest["params"]["data"]["synthetic"] == {"num_images": 12}

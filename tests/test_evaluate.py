@@ -13,7 +13,7 @@ from model import CoCosNet, CoCosNetOutput
 from pipeline import metrics as M
 from pipeline.evaluate import EvalConfig, evaluate_model, flatten, run_evaluation
 from pipeline.registry import CHALLENGER, CHAMPION, RegisterConfig, register_model
-from pipeline.train.export import RUN_FILE, write_model_files
+from pipeline.model_files import RUN_FILE, write_model_files
 from tests.tiny_translation import tiny_config
 
 

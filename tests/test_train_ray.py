@@ -16,7 +16,8 @@ import ray
 import torch
 
 from pipeline.data.loader import make_loader
-from pipeline.tracking import load_model, manifest_sha256
+from pipeline.model_files import load_model
+from pipeline.tracking import manifest_sha256
 from pipeline.train.checkpoint import load_state
 from pipeline.train.launch import TrainingError, local_ray_options, run_training
 from tests.conftest import TRAIN_DATA

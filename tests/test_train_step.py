@@ -18,12 +18,12 @@ from pipeline.params import load_params
 from pipeline.train.checkpoint import (DataPosition, find_checkpoint, load_state, read_meta, restore_rank_state,
                                        restore_training_state, save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig, configs_from_params
-from pipeline.train.export import export_model, read_model_files
-from pipeline.train.grid import grid_columns, sample_grid
 from pipeline.train.launch import describe_failure
 from pipeline.train.loop import batch_stream, next_batch
 from pipeline.train.step import NonFiniteLossError, build_parts, to_device, train_step
-from pipeline.tracking import absolute_tracking_uri, flatten_params, load_model
+from pipeline.model_files import export_model, load_model, read_model_files
+from pipeline.tracking import absolute_tracking_uri, flatten_params
+from pipeline.viz import grid_columns, sample_grid
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,30 +60,34 @@ def snapshot(module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- configuration
 
 
+MANIFEST = {"image_size": [64, 64], "label_nc": 12}  # what configs_from_params reads from the shards' manifest
+
+
 @pytest.mark.parametrize("path", ["params.yaml", "params/deepfashion-512-gpu.yaml"])
 def test_shipped_params_files_give_valid_configs(path):
     params = load_params(REPO_ROOT / path)
-    DataConfig.from_params(params["data"]), ShardConfig.from_params(params["shard"])
-    train, model, mlflow_cfg = configs_from_params(params)
-    assert model.image_size == (params["data"]["image_size"],) * 2 and model.label_nc == params["data"]["label_nc"]
+    data = DataConfig.from_params(params["data"])
+    ShardConfig.from_params(params["shard"])
+    train, model, mlflow_cfg = configs_from_params(params, {"image_size": data.image_size, "label_nc": data.label_nc})
+    assert model.image_size == data.image_size and model.label_nc == data.label_nc
     assert train.steps >= 1 and mlflow_cfg.experiment
 
 
 def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"train: unknown keys \['stpes'\]"):
-        configs_from_params({"train": {"stpes": 3}})
+        configs_from_params({"train": {"stpes": 3}}, MANIFEST)
     with pytest.raises(ValueError, match="unknown loss weights"):
-        configs_from_params({"train": {"loss": {"warp": 1.0}}})
-    with pytest.raises(ValueError, match="model.image_size .* does not match data.image_size"):
-        configs_from_params({"data": {"image_size": 64}, "model": {"image_size": 128}})
-    with pytest.raises(ValueError, match="model.label_nc 20 does not match data.label_nc 12"):
-        configs_from_params({"data": {"label_nc": 12}, "model": {"label_nc": 20}})
+        configs_from_params({"train": {"loss": {"warp": 1.0}}}, MANIFEST)
+    with pytest.raises(ValueError, match=r"model.image_size: the model takes it from the shards' manifest \(\[64, 64\]\)"):
+        configs_from_params({"model": {"image_size": 128}}, MANIFEST)
+    with pytest.raises(ValueError, match="model.label_nc: the model takes it from the shards' manifest"):
+        configs_from_params({"model": {"label_nc": 20}}, MANIFEST)
     with pytest.raises(ValueError, match="model: unknown ModelConfig fields"):
-        configs_from_params({"model": {"nfe": 8}})
+        configs_from_params({"model": {"nfe": 8}}, MANIFEST)
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="fp8")
-    train, model, _ = configs_from_params({"data": {"image_size": [64, 96], "label_nc": 3}, "model": {"nef": 8}})
-    assert model.image_size == (64, 96) and model.label_nc == 3 and model.nef == 8  # inherited from data
+    train, model, _ = configs_from_params({"model": {"nef": 8}}, {"image_size": [64, 96], "label_nc": 3})
+    assert model.image_size == (64, 96) and model.label_nc == 3 and model.nef == 8  # from the manifest
 
 
 def test_tracking_uri_and_params_helpers(tmp_path):

@@ -17,7 +17,7 @@ from model.vgg import load_vgg19
 from pipeline.data.loader import make_loader
 from pipeline.data.sources import get_source
 from pipeline.train.config import TrainConfig
-from pipeline.train.export import write_model_files
+from pipeline.model_files import write_model_files
 from pipeline.train.step import build_parts, to_device, train_step
 
 TINY = {"nef": 8, "ngf": 8, "ndf": 8, "spade_hidden": 16, "patchmatch_iters": 1, "num_d": 1, "n_layers_d": 3,

@@ -11,7 +11,7 @@ HELP = "convert official CoCosNet-v2 checkpoints (netCorr + netG + options) to a
 DESCRIPTION = """\
 Convert the released CoCosNet-v2 weights into this project's model format: a folder with
 state_dict.pt, model_config.json and run.json (provenance and task), which `cocosnet translate
---model DIR`, `cocosnet info --model DIR` and pipeline.tracking.load_model read.
+--model DIR`, `cocosnet info --model DIR` and pipeline.model_files.load_model read.
 
   cocosnet convert-official --corr checkpoints/deepfashionHD/latest_net_Corr.pth \\
       --gen checkpoints/deepfashionHD/latest_net_G.pth --opt checkpoints/deepfashionHD/opt.txt \\

@@ -67,7 +67,7 @@ def manifest_summary(shards: Path | None) -> dict[str, Any] | None:
 
 
 def run_info(model: str) -> dict[str, Any] | None:
-    from pipeline.train.export import read_run_info
+    from pipeline.model_files import read_run_info
 
     try:
         return read_run_info(model) or None

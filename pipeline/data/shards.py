@@ -23,13 +23,13 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.augment import make_pseudo_exemplar
-from pipeline.data.config import ShardConfig
+from pipeline.data.config import DataConfig, ShardConfig
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import (atomic_write_json, decode_npy, decode_png, encode_jpeg, encode_json, encode_map,
                                    encode_npy, read_json, read_photo_png, unstack_channels)
@@ -37,6 +37,7 @@ from pipeline.data.pairing import choose_exemplars
 from pipeline.data.prepare import FORMAT as PREPARED_FORMAT
 from pipeline.data.prepare import code_version, fingerprint, reset_if_stale
 from pipeline.data.schema import MEMBERS, SHARD_FORMAT, sample_key, stable_hash
+from pipeline.params import section
 
 FORMAT = SHARD_FORMAT
 SPLITS = ("train", "val")
@@ -339,3 +340,11 @@ def _counting(samples: Iterable, bar: tqdm) -> Iterable:
     for sample in samples:
         yield sample
         bar.update(1)
+
+
+def run_shard(params: Mapping[str, Any], prepared_dir: str | Path = "data/prepared", out_dir: str | Path = "data/shards",
+              report_path: str | Path | None = "reports/shard_report.json") -> dict[str, Any]:
+    """The shard stage: the `shard:` section (and data.seed) of params.yaml -> out_dir. -> the manifest."""
+    data, shard = section(params, "data"), section(params, "shard")
+    return write_shards(prepared_dir, out_dir, ShardConfig.from_params(shard), seed=DataConfig.from_params(data).seed,
+                        report_path=report_path, params={"data": data, "shard": shard})

@@ -24,12 +24,12 @@ from ray.train.torch import TorchTrainer
 
 import model as model_package
 import pipeline as pipeline_package
-from pipeline import tracking
+from pipeline import tracking, viz
 from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
 from pipeline.data.loader import read_manifest
-from pipeline.train.checkpoint import find_checkpoint
+from pipeline.model_files import export_model
+from pipeline.train.checkpoint import find_checkpoint, load_state
 from pipeline.train.config import TrainConfig, configs_from_params
-from pipeline.train.export import export_checkpoint
 from pipeline.train.loop import train_loop
 
 REPO_ROOT = Path(pipeline_package.__file__).resolve().parents[1]
@@ -145,31 +145,7 @@ def write_curves(uri: str, run_id: str, csv_path: Path, png_path: Path | None) -
         writer.writerows(rows[step] for step in sorted(rows))
     os.replace(tmp, csv_path)
     if png_path is not None and rows:
-        write_curves_png([rows[s] for s in sorted(rows)], png_path)
-
-
-def write_curves_png(rows: list[dict[str, float]], path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (g_ax, d_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["step"] for r in rows]
-    for key in rows[-1]:
-        if key.startswith(("g_", "d_")):
-            ax = g_ax if key.startswith("g_") else d_ax
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key, lw=2 if key.endswith("total") else 1)
-    for ax, title in ((g_ax, "generator"), (d_ax, "discriminator")):
-        ax.set(title=f"{title} losses", xlabel="step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(png_path, viz.figure_png(viz.loss_figure([rows[s] for s in sorted(rows)])))
 
 
 # ---------------------------------------------------------------- the run
@@ -183,13 +159,11 @@ def run_training(params: Mapping[str, Any], *, shards: str | Path = "data/shards
     Relative paths (shards, storage, sqlite tracking URI, artifacts) are resolved against `base`.
     """
     base = Path(base).resolve()
-    train_cfg, model_cfg, mlflow_cfg = configs_from_params(params)
-    if train_cfg.vgg_weights not in ("random", "imagenet"):  # workers run in their own folder: absolute path
-        train_cfg = dataclasses.replace(train_cfg, vgg_weights=str((base / train_cfg.vgg_weights).resolve()))
     shard_dir = (base / shards).resolve()
     manifest, _ = read_manifest(shard_dir)
-    if manifest["label_nc"] != model_cfg.label_nc:
-        raise ValueError(f"{shard_dir}: shards have label_nc {manifest['label_nc']}, the model {model_cfg.label_nc}")
+    train_cfg, model_cfg, mlflow_cfg = configs_from_params(params, manifest)
+    if train_cfg.vgg_weights not in ("random", "imagenet"):  # workers run in their own folder: absolute path
+        train_cfg = dataclasses.replace(train_cfg, vgg_weights=str((base / train_cfg.vgg_weights).resolve()))
     if train_cfg.vgg_weights == "random":
         say("WARNING: train.vgg_weights=random: VGG19 has RANDOM weights, so the perceptual, feature-matching "
             "and contextual losses do not measure image quality. Use a vgg19_conv.pth path or 'imagenet'.")
@@ -244,7 +218,9 @@ def run_training(params: Mapping[str, Any], *, shards: str | Path = "data/shards
         run_info = {"mlflow_run_id": run_id, "tracking_uri": uri, "model_uri": model_uri,
                     "checkpoint": result.checkpoint.path, "ray_run_dir": f"{storage}/{run_name}",
                     "task": manifest["task"], "source": manifest["source"]}  # inference reads the task
-        model_dir = export_checkpoint(folder, base / models_dir, model_cfg, run_info) if models_dir else None
+        state = load_state(folder)
+        run_info["step"] = int(state["step"])
+        model_dir = export_model(base / models_dir, state["net"], model_cfg, run_info) if models_dir else None
     tracking.end_run(uri, run_id, "FINISHED")
     metrics = dict(result.metrics or {})
     if metrics_path:

@@ -37,8 +37,8 @@ from pipeline.data.schema import stable_hash
 from pipeline.train.checkpoint import (DataPosition, find_checkpoint, restore_rank_state, restore_training_state,
                                        save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig
-from pipeline.train.grid import sample_grid
 from pipeline.train.step import NonFiniteLossError, TrainParts, build_parts, to_device, train_step, unwrap
+from pipeline.viz import sample_grid
 
 
 def say(message: str) -> None:
