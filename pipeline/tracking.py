@@ -26,7 +26,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from model import ModelConfig
-from pipeline.model_files import MODEL_CONFIG_FILE, STATE_DICT_FILE, write_model_files
+from pipeline.model_files import MODEL_CONFIG_FILE, STATE_DICT_FILE, read_run_info, write_model_files
 from pipeline.params import from_mapping, section
 
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
@@ -94,16 +94,21 @@ def ensure_experiment(uri: str, cfg: MlflowConfig, base: str | Path = ".") -> st
     return client.create_experiment(cfg.experiment, artifact_location=location)
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"train": {"lr": 1e-4}} -> {"train.lr": "0.0001"} (MLflow params are flat strings)."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
+def flatten(tree: Mapping[str, Any], separator: str, prefix: str = "") -> dict[str, Any]:
+    """{"corr": {"pck_3": 0.5}} -> {"corr<separator>pck_3": 0.5}: MLflow names are flat (empty mappings are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat |= flatten_params(value, f"{name}.")
+            flat |= flatten(value, separator, f"{name}{separator}")
         else:
-            flat[name] = str(value)
+            flat[name] = value
     return flat
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": "0.0001"} (MLflow params are flat strings)."""
+    return {name: str(value) for name, value in flatten(params, ".").items()}
 
 
 def manifest_sha256(shard_dir: str | Path) -> str:
@@ -175,3 +180,31 @@ def log_model(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                                   f"numpy=={np.__version__}"])
     return info.model_uri
+
+
+# ---------------------------------------------------------------- the evaluate stage
+
+
+def model_run_id(model_ref: str | Path, uri: str) -> str | None:
+    """The MLflow run a model came from: run.json of a model folder, else the model URI's own record."""
+    if Path(model_ref).is_dir():
+        return read_run_info(model_ref).get("mlflow_run_id")
+    mlflow.set_tracking_uri(uri)
+    return mlflow.models.get_model_info(str(model_ref)).run_id
+
+
+def publish_evaluation(uri: str, run_id: str, metrics: Mapping[str, Any], *, skipped: Mapping[str, str],
+                       curves: Mapping[str, Any], pck_figure: Any, grid: np.ndarray | None,
+                       tags: Mapping[str, str]) -> None:
+    """An evaluation into the model's run: metrics as eval/<name>, why any were skipped as eval.skipped.<name>
+    tags, and eval/eval.json, eval/pck.json (the PCK curves, appended to on re-evaluation), eval/pck.png and
+    eval/samples.png."""
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"eval/{name}": float(value) for name, value in flatten(metrics, "/").items()})
+        mlflow.set_tags({**{f"eval.skipped.{name}": reason for name, reason in skipped.items()}, **tags})
+        mlflow.log_dict(dict(metrics), "eval/eval.json")
+        mlflow.log_table(dict(curves), "eval/pck.json")
+        mlflow.log_figure(pck_figure, "eval/pck.png")
+        if grid is not None:
+            mlflow.log_image(grid, "eval/samples.png")

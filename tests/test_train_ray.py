@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from pipeline.data.loader import make_loader
+from pipeline.data.loader import make_loader, to_model
 from pipeline.model_files import load_model
 from pipeline.tracking import manifest_sha256
 from pipeline.train.checkpoint import load_state
@@ -119,7 +119,7 @@ def test_one_worker_run_is_fully_tracked_in_a_real_mlflow_server(reference, mlfl
     assert any("samples+step+8+" in p and p.endswith(".png") for p in images)
 
     # The logged model: a pyfunc from code + config + state dict, registrable and loadable without the repo's pickles.
-    batch = next(iter(make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0)))
+    batch = to_model(next(iter(make_loader(train_shards, batch_size=2, num_workers=0))), 12)
     inputs = {k: batch[k].numpy() for k in ("input_map", "exemplar", "exemplar_map")}
     mlflow.set_tracking_uri(mlflow_server)
     try:
@@ -146,7 +146,7 @@ def test_one_worker_run_is_fully_tracked_in_a_real_mlflow_server(reference, mlfl
 
 def test_a_failed_worker_restarts_from_the_last_checkpoint(reference, train_shards, tmp_path):
     # Rank 0 raises at step 5; FailureConfig(max_failures=1) restarts the group from the checkpoint of step 3.
-    result = run_training(params(tmp_path, sqlite_uri(tmp_path), drill_fail_at_step=5, max_failures=1),
+    result = run_training(params(tmp_path, sqlite_uri(tmp_path), audit={"fail_at_step": 5}, max_failures=1),
                           shards=train_shards, models_dir=None, base=tmp_path)
     assert result.metrics["step"] == STEPS
     # Steps 2 and 4 were logged by the first attempt; the second resumed after step 3 (so it logged 4 again).
@@ -156,7 +156,8 @@ def test_a_failed_worker_restarts_from_the_last_checkpoint(reference, train_shar
 
 def test_an_interrupted_run_resumed_from_its_checkpoint_matches_the_uninterrupted_run(reference, train_shards,
                                                                                       tmp_path):
-    interrupted = params(tmp_path, sqlite_uri(tmp_path), run_name="interrupted", drill_fail_at_step=7, max_failures=0)
+    interrupted = params(tmp_path, sqlite_uri(tmp_path), run_name="interrupted", audit={"fail_at_step": 7},
+                         max_failures=0)
     with pytest.raises(TrainingError, match=r"(?s)fault drill.*last good checkpoint: .*checkpoint_00000006"):
         run_training(interrupted, shards=train_shards, models_dir=None, base=tmp_path)
 

@@ -13,14 +13,14 @@ import torch
 from model import ModelConfig
 from model.vgg import VGG19, load_vgg19
 from pipeline.data.config import DataConfig, ShardConfig
-from pipeline.data.loader import make_loader
+from pipeline.data.loader import make_loader, to_model
 from pipeline.params import load_params
 from pipeline.train.checkpoint import (DataPosition, find_checkpoint, load_state, read_meta, restore_rank_state,
                                        restore_training_state, save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig, configs_from_params
 from pipeline.train.launch import describe_failure
-from pipeline.train.loop import batch_stream, next_batch
-from pipeline.train.step import NonFiniteLossError, build_parts, to_device, train_step
+from pipeline.train.loop import batch_stream
+from pipeline.train.step import NonFiniteLossError, build_parts, train_step
 from pipeline.model_files import export_model, load_model, read_model_files
 from pipeline.tracking import absolute_tracking_uri, flatten_params
 from pipeline.viz import grid_columns, sample_grid
@@ -48,9 +48,8 @@ def tiny_parts(seed: int = 0, **train):
 
 @pytest.fixture(scope="module")
 def batch(train_shards):
-    loader = make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0,
-                         real_exemplar_prob=0.5)
-    return next(iter(loader))
+    loader = make_loader(train_shards, batch_size=2, num_workers=0, real_exemplar_prob=0.5)
+    return to_model(next(iter(loader)), 12)
 
 
 def snapshot(module) -> dict[str, torch.Tensor]:
@@ -115,7 +114,7 @@ def test_ttur_optimizers_follow_the_paper():
 def test_train_step_updates_generator_and_discriminator(batch):
     parts = tiny_parts()
     g_before, d_before = snapshot(parts.net), snapshot(parts.discriminator)
-    losses, out = train_step(parts, to_device(batch, parts.device), step=1)
+    losses, out = train_step(parts, batch, step=1)
     expected = {"g/feat", "g/perc", "g/context", "g/gan", "g/gan_feat", "g/domain", "g/reg", "g/warp", "g/total",
                 "d/d_fake", "d/d_real", "d/total"}
     assert set(losses) == expected and all(np.isfinite(v) for v in losses.values())
@@ -132,8 +131,8 @@ def test_pseudo_only_terms_vanish_for_real_exemplars(batch):
     parts = tiny_parts()
     real = dict(batch, is_pseudo=torch.zeros(2, dtype=torch.bool))
     pseudo = dict(batch, is_pseudo=torch.ones(2, dtype=torch.bool))
-    real_losses, _ = train_step(parts, to_device(real, parts.device))
-    pseudo_losses, _ = train_step(parts, to_device(pseudo, parts.device))
+    real_losses, _ = train_step(parts, real)
+    pseudo_losses, _ = train_step(parts, pseudo)
     assert real_losses["g/feat"] == 0 and real_losses["g/warp"] == 0  # no pixel-level target without a pseudo pair
     assert pseudo_losses["g/feat"] > 0 and pseudo_losses["g/warp"] > 0
     assert real_losses["g/context"] > 0 and real_losses["g/gan_feat"] > 0  # the rest applies to both
@@ -145,7 +144,7 @@ def test_non_finite_loss_names_the_term_and_applies_no_update(batch):
     broken = dict(batch, image=batch["image"].clone())
     broken["image"][0, :, :4, :4] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"loss term 'g/\w+' is nan at step 7") as err:
-        train_step(parts, to_device(broken, parts.device), step=7)
+        train_step(parts, broken, step=7)
     assert err.value.term.startswith("g/") and err.value.step == 7
     for module, saved in zip((parts.net, parts.discriminator), before):  # (spectral-norm buffers do move)
         assert all(torch.equal(v, saved[k]) for k, v in module.named_parameters())
@@ -157,7 +156,7 @@ def test_non_finite_loss_names_the_term_and_applies_no_update(batch):
 
 def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path, batch):
     parts = tiny_parts()
-    train_step(parts, to_device(batch, parts.device))
+    train_step(parts, batch)
     torch.manual_seed(123)
     save_training_state(tmp_path, parts, step=5, meta={"world_size": 1, "mlflow_run_id": "abc"})
     save_rank_state(tmp_path, 0, DataPosition(epoch=2, batches=3))
@@ -200,12 +199,14 @@ def test_find_checkpoint_skips_incomplete_ones(tmp_path):
     assert "g/warp" in message and "checkpoint_00000006" in message
 
 
-def test_batch_stream_resumes_at_the_recorded_position(train_shards):
+def test_batch_stream_resumes_at_the_recorded_position(train_shards, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
     def keys(n, position):
-        loader = make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0, rank=1,
-                             world_size=2)
+        loader = make_loader(train_shards, batch_size=2, num_workers=0)
         stream = batch_stream(loader, position, 2)
-        return [tuple(next_batch(stream)["key"]) for _ in range(n)]
+        return [tuple(next(stream)["key"]) for _ in range(n)]
 
     position = DataPosition()
     first = keys(7, position)  # crosses at least one epoch boundary (rank 1 holds <= 4 full batches)

@@ -92,7 +92,8 @@ def print_text(report: dict[str, Any]) -> None:
         return
     print(f"data: {data['path']}")
     print(f"  {data['source']} {data['task']}, {data['image_size'][0]}x{data['image_size'][1]}, "
-          f"label_nc {data['label_nc']} ({data['input_encoding']}), {data['pseudo_per_image']} pseudo pairs per image")
+          f"label_nc {data['label_nc']} ({data['input_encoding']}), "
+          f"{data['pseudo_per_image']} pseudo exemplars per image")
     for split, info in data["splits"].items():
         print(f"  {split}: {info['images']} images, {info['samples']} samples in {info['shards']} shards")
     print(f"  skipped images: {data['skipped']}; pairing: {data['pairing']}")

@@ -20,6 +20,15 @@ Amp = Literal["none", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """`train.audit`: test instrumentation, off (null) in real runs. When set, every checkpoint also reports
+    whether the ranks' weights are bitwise equal and how many samples two ranks read in one epoch (an all-gather
+    of every key read), and rank 0 can fail on purpose once."""
+
+    fail_at_step: int | None = None  # fault drill: rank 0 raises before this step (not after a restore)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run: schedule, optimisation, data, Ray scaling, checkpoints and logging."""
 
@@ -52,7 +61,7 @@ class TrainConfig:
     max_failures: int = 1  # worker-group restarts, each from the last checkpoint
     resume_from: str | None = None  # a checkpoint folder, or a Ray run folder (its latest checkpoint)
     find_unused_parameters: bool = False  # DDP; only needed when a loss weight switches a branch off
-    drill_fail_at_step: int | None = None  # fault drill: rank 0 raises here once (not after a restore)
+    audit: AuditConfig | None = None  # test instrumentation (see AuditConfig); null in real runs
 
     # --- logging
     log_every: int = 10  # steps between loss / throughput logs (MLflow and console)
@@ -61,6 +70,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", dict(self.loss or {}))
+        if isinstance(self.audit, Mapping):
+            object.__setattr__(self, "audit", from_mapping(AuditConfig, self.audit, "train.audit"))
         LossWeights.from_dict(self.loss)  # unknown or negative weights fail here, not in a worker
         positive = ("steps", "batch_size", "workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
                     "log_every", "image_every", "grid_samples")
