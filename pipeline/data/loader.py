@@ -4,102 +4,101 @@
     for batch in loader:                     # one epoch; iterating again starts the next one (or set_epoch)
         inputs = to_model(batch, loader.label_nc, device)
 
-A batch stays compact until it reaches the device that runs the model (1 byte per pixel and channel):
+A batch stays compact (1 byte per pixel and channel) until it reaches the device that runs the model:
     image, exemplar           (B, 3, H, W) uint8 RGB   x_B, and y_B: a pseudo exemplar or the real one
     input_map, exemplar_map   (B, H, W) uint8 (int16 above 256 classes) class ids, or (B, C, H, W) uint8 channels
-    is_pseudo                 (B,) bool                which of the two y_B is
-    key                       list[str]
+    is_pseudo, key            (B,) bool: which of the two y_B is; list[str]
 with_flow=True (evaluation) adds the epoch's pseudo exemplar beside the chosen one, with its ground truth:
     pseudo, pseudo_map        as exemplar, exemplar_map
-    flow                      (B, 2, H, W) float16: (y, x) in `pseudo` of each x_B pixel, NaN where invalid
-    meta                      list[dict] (source, names, pairing, synthetic palettes)
+    flow, meta                (B, 2, H, W) float16 (y, x) in `pseudo` of each x_B pixel, NaN where invalid; list[dict]
 
 An epoch is a function of (seed, epoch): the shard order, each worker's shuffle buffer, and per sample (from
 seed, epoch, key) its pair (pseudo with probability 1 - real_exemplar_prob) and its pseudo exemplar (epochs walk
 a per-key permutation of the stored ones): a resumed run replays it. Shards go to ranks (RANK/WORLD_SIZE, as
 Ray Train sets them), then to DataLoader workers: an epoch over all of them reads every sample exactly once.
-Nothing is unpickled: members are decoded as JPEG, PNG, NPY (allow_pickle=False) and JSON, others ignored.
+Only the members a sample shows are read, decoded as JPEG, PNG, NPY (allow_pickle=False) or JSON: no pickle.
+The stages that depend on the epoch read it from a multiprocessing.Value, which persistent workers see change.
 """
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
+import os
 import random
+import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import bgr_to_planar_rgb, decode_jpeg_bgr, decode_json, decode_map, decode_npy
 from pipeline.data.schema import pseudo_members, read_manifest, stable_hash
 
 IMAGES, MAPS = ("image", "exemplar", "pseudo"), ("input_map", "exemplar_map", "pseudo_map")
-REAL = ("exemplar.jpg", "exemplar_input.png")  # the real exemplar's members
-
-
-def uses_pseudo(key: str, real_exemplar_prob: float, seed: int, epoch: int) -> bool:
-    """The sample's pair this epoch: pseudo with probability 1 - real_exemplar_prob."""
-    return stable_hash(seed, "pair", epoch, key) / 2**63 >= real_exemplar_prob
 
 
 def pseudo_variant(key: str, variants: int, seed: int, epoch: int) -> int:
     """The sample's pseudo exemplar this epoch: epochs walk a per-key permutation of the stored ones."""
     cycle, position = divmod(epoch, variants)
-    order = random.Random(stable_hash(seed, "variants", cycle, key)).sample(range(variants), variants)
-    return order[position]
+    return random.Random(stable_hash(seed, "variants", cycle, key)).sample(range(variants), variants)[position]
 
 
-def shared_epoch() -> Any:
-    """The epoch number in shared memory (.value): persistent DataLoader workers read the current one."""
-    return multiprocessing.Value("q", 0, lock=False)
-
-
-class EpochShards(IterableDataset):
+def epoch_shards(paths: list[str], seed: int, epoch: Any, shuffle: bool) -> Iterator[dict[str, str]]:
     """{"url": path} of every shard in this epoch's order (the same on every rank, so rank slices partition it)."""
-
-    def __init__(self, paths: list[str], seed: int, epoch: Any, shuffle: bool):
-        super().__init__()
-        self.paths, self.seed, self.epoch, self.shuffle = paths, seed, epoch, shuffle
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        order = list(self.paths)
-        if self.shuffle:
-            random.Random(stable_hash(self.seed, "shards", self.epoch.value)).shuffle(order)
-        yield from ({"url": url} for url in order)
+    order = list(paths)
+    if shuffle:
+        random.Random(stable_hash(seed, "shards", epoch.value)).shuffle(order)
+    yield from ({"url": url} for url in order)
 
 
-class EpochShuffle:
+def epoch_shuffle(samples: Iterator[dict], buffer: int, seed: int, epoch: Any) -> Iterator[dict]:
     """wds.shuffle seeded by (seed, epoch, rank, worker): reproducible, unlike its default seed."""
-
-    def __init__(self, buffer: int, seed: int, epoch: Any):
-        self.buffer, self.seed, self.epoch = buffer, seed, epoch
-
-    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        seed = stable_hash(self.seed, "buffer", self.epoch.value, rank, worker)
-        return wds.shuffle(self.buffer, initial=self.buffer, seed=seed)(samples)
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    return wds.shuffle(buffer, initial=buffer, seed=stable_hash(seed, "buffer", epoch.value, rank, worker))(samples)
 
 
-def unreadable(exc: Exception) -> bool:
-    """WebDataset's error handler: a shard that is not a complete tar is an error naming it."""
-    url = next((a for a in reversed(exc.args) if isinstance(a, str) and a.endswith(".tar")), "a shard")
-    raise DataError(f"{url}: unreadable tar ({exc.args[0] if exc.args else type(exc).__name__})") from exc
+@functools.lru_cache(maxsize=None)
+def tar_index(url: str, version: tuple[int, int]) -> tuple[tuple[str, dict[str, tuple[int, int]]], ...]:
+    """(key, {member: (offset, size)}) of every sample of a shard, as WebDataset groups them, read once per process
+    and file version (mtime, size): later epochs seek straight to the members they need, parsing no tar header."""
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            for info in (i for i in tar if i.isreg()):
+                key, _, name = info.name.partition(".")
+                samples.setdefault(key, {})[name] = (info.offset_data, info.size)
+    except tarfile.TarError as exc:
+        raise DataError(f"{url}: unreadable tar ({exc})") from None
+    return tuple(samples.items())
 
 
-def member(sample: dict[str, Any], name: str) -> tuple[bytes, str]:
-    """A member's bytes, and where it is for errors."""
-    where = f"{sample['__url__']}: sample {sample['__key__']} {name}"
-    if name not in sample:
-        raise DataError(f"{where}: missing member")
-    return sample[name], where
+def read_tars(shards: Iterator[dict[str, str]], members_of: Callable[[str], list[str]]) -> Iterator[dict]:
+    """{"url"} -> samples {"__key__", "__url__", member: bytes} of the members members_of(key) names, one read each.
+    (wds.tarfile_to_samples streams every byte of every member: with several pseudo exemplars per sample, that
+    cost as much CPU as decoding.)"""
+    for shard in shards:
+        url = shard["url"]
+        with open(url, "rb") as stream:
+            version = os.fstat(stream.fileno())
+            for key, members in tar_index(url, (version.st_mtime_ns, version.st_size)):
+                sample = {"__key__": key, "__url__": url}
+                for name in members_of(key):
+                    if name not in members:
+                        raise DataError(f"{url}: sample {key} has no member {name}")
+                    offset, size = members[name]
+                    stream.seek(offset)  # tar_index found every member complete
+                    sample[name] = stream.read(size)
+                yield sample
 
 
-class Decoder:
-    """A raw sample (member bytes) -> the compact arrays of its pair, checked against the manifest."""
+class BatchDecoder:
+    """Raw samples -> one compact batch of this epoch's pairs, each member decoded straight into its row and checked
+    against the manifest. In a DataLoader worker the batch is made in shared memory: sending it copies nothing."""
 
     def __init__(self, manifest: dict[str, Any], real_exemplar_prob: float, seed: int, epoch: Any,
                  with_flow: bool):
@@ -107,54 +106,66 @@ class Decoder:
         self.encoding, self.channels = manifest["input_encoding"], manifest["input_channels"]
         self.variants, self.real_exemplar_prob = manifest["pseudo_per_image"], real_exemplar_prob
         self.seed, self.epoch, self.with_flow = seed, epoch, with_flow
+        ids = self.encoding == "ids"
+        image = ((3, *self.size), torch.uint8, self.image)
+        map_ = (self.size if ids else (self.channels, *self.size), torch.int16 if ids and self.label_nc > 256
+                else torch.uint8, self.map)
+        self.fields = {**dict.fromkeys(IMAGES, image), **dict.fromkeys(MAPS, map_),
+                       "flow": ((2, *self.size), torch.float16, self.flow)}
 
-    def image(self, data: bytes, where: str) -> np.ndarray:
+    def plan(self, key: str) -> tuple[bool, dict[str, str]]:
+        """-> (is_pseudo, {batch field: member}) of the sample this epoch."""
+        epoch = self.epoch.value
+        pseudo = stable_hash(self.seed, "pair", epoch, key) / 2**63 >= self.real_exemplar_prob
+        photo, photo_map, flow = pseudo_members(pseudo_variant(key, self.variants, self.seed, epoch))
+        fields = {"image": "image.jpg", "input_map": "input.png", "exemplar": photo if pseudo else "exemplar.jpg",
+                  "exemplar_map": photo_map if pseudo else "exemplar_input.png"}
+        if self.with_flow:
+            fields.update(pseudo=photo, pseudo_map=photo_map, flow=flow)
+        return pseudo, fields
+
+    def members(self, key: str) -> list[str]:
+        return list(dict.fromkeys(self.plan(key)[1].values())) + (["meta.json"] if self.with_flow else [])
+
+    def image(self, out: np.ndarray, data: bytes, where: str) -> None:
         bgr = decode_jpeg_bgr(data, where)
         if bgr.shape[:2] != self.size:
             raise DataError(f"{where}: image is {bgr.shape[:2]}, the manifest says {self.size}")
-        return bgr_to_planar_rgb(bgr, np.empty((3, *self.size), np.uint8))
+        bgr_to_planar_rgb(bgr, out)
 
-    def map(self, data: bytes, where: str) -> np.ndarray:
+    def map(self, out: np.ndarray, data: bytes, where: str) -> None:
         array = decode_map(data, self.encoding, self.channels, where)
         if array.shape[-2:] != self.size:
             raise DataError(f"{where}: map is {array.shape[-2:]}, the manifest says {self.size}")
         if self.encoding == "ids" and array.max() >= self.label_nc:
             raise DataError(f"{where}: class id {int(array.max())} >= label_nc {self.label_nc}")
-        return array.astype(np.uint8 if self.encoding != "ids" or self.label_nc <= 256 else np.int16)
+        out[...] = array
 
-    def flow(self, data: bytes, where: str) -> np.ndarray:
+    def flow(self, out: np.ndarray, data: bytes, where: str) -> None:
         flow = decode_npy(data, where)
         if flow.dtype != np.float16 or flow.shape != (2, *self.size):
             raise DataError(f"{where}: flow must be float16 (2, *{self.size}), got {flow.dtype} {flow.shape}")
-        return flow
+        out[...] = flow
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        key, epoch = sample["__key__"], self.epoch.value
-        pseudo = uses_pseudo(key, self.real_exemplar_prob, self.seed, epoch)
-        photo, photo_map, flow = pseudo_members(pseudo_variant(key, self.variants, self.seed, epoch))
-        out = {"key": key, "is_pseudo": pseudo}
-        out["image"], out["input_map"] = self.pair(sample, "image.jpg", "input.png")
-        out["exemplar"], out["exemplar_map"] = self.pair(sample, *((photo, photo_map) if pseudo else REAL))
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        plans = [self.plan(s["__key__"]) for s in samples]
+        batch: dict[str, Any] = {"key": [s["__key__"] for s in samples],
+                                 "is_pseudo": torch.tensor([pseudo for pseudo, _ in plans])}
+        for field in plans[0][1]:
+            shape, dtype, decode = self.fields[field]
+            batch[field] = torch.empty((len(samples), *shape), dtype=dtype)
+            if get_worker_info() is not None:
+                batch[field].share_memory_()  # of untouched pages: nothing to copy yet
+            rows, twin = batch[field].numpy(), field.replace("pseudo", "exemplar")
+            for i, (sample, (pseudo, members)) in enumerate(zip(samples, plans)):
+                if field.startswith("pseudo") and pseudo:  # decoded once already, as the exemplar
+                    rows[i] = batch[twin][i].numpy()
+                else:
+                    name = members[field]
+                    decode(rows[i], sample[name], f"{sample['__url__']}: {sample['__key__']}.{name}")
         if self.with_flow:
-            out["pseudo"], out["pseudo_map"] = (out["exemplar"], out["exemplar_map"]) if pseudo else \
-                self.pair(sample, photo, photo_map)
-            out["flow"], out["meta"] = self.flow(*member(sample, flow)), decode_json(*member(sample, "meta.json"))
-        return out
-
-    def pair(self, sample: dict[str, Any], image: str, map_: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.image(*member(sample, image)), self.map(*member(sample, map_))
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> one batch: arrays stacked into tensors, keys and meta as lists (wds.map's __key__ dropped)."""
-    batch: dict[str, Any] = {}
-    for name, first in samples[0].items():
-        if name.startswith("__"):
-            continue
-        values = [s[name] for s in samples]
-        batch[name] = torch.from_numpy(np.stack(values)) if isinstance(first, np.ndarray) else \
-            torch.tensor(values) if name == "is_pseudo" else values
-    return batch
+            batch["meta"] = [decode_json(s["meta.json"], f"{s['__url__']}: {s['__key__']}.meta.json") for s in samples]
+        return batch
 
 
 def to_model(batch: dict[str, Any], label_nc: int, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -180,11 +191,16 @@ def to_model(batch: dict[str, Any], label_nc: int, device: torch.device | str = 
 
 
 class ShardLoader:
-    """Batches of one split, epoch after epoch: each iter() is one epoch, numbered from 0 unless set_epoch()."""
+    """Compact batches of one split of a shard folder (or its manifest.json), epoch after epoch: each iter() is one
+    epoch, numbered from 0 unless set_epoch(). shuffle: default True for "train". pin_memory: for a CUDA device
+    (to_model then copies asynchronously). See the module docstring."""
 
-    def __init__(self, manifest: dict[str, Any], shard_dir: Path, split: str, *, batch_size: int,
-                 real_exemplar_prob: float, with_flow: bool, num_workers: int, seed: int, shuffle: bool,
-                 shuffle_buffer: int, pin_memory: bool, prefetch_factor: int):
+    def __init__(self, shards: str | Path, *, batch_size: int, split: str = "train", real_exemplar_prob: float = 0.0,
+                 with_flow: bool = False, num_workers: int = 2, seed: int = 0, shuffle: bool | None = None,
+                 shuffle_buffer: int = 256, pin_memory: bool = False, prefetch_factor: int = 2):
+        if not 0.0 <= real_exemplar_prob <= 1.0 or batch_size < 1:
+            raise ValueError(f"need 0 <= real_exemplar_prob <= 1, batch_size >= 1: {real_exemplar_prob}, {batch_size}")
+        manifest, shard_dir = read_manifest(shards)
         info = manifest["splits"].get(split)
         if not info or not info["shards"]:
             raise DataError(f"{shard_dir}: no {split!r} shards in the manifest")
@@ -198,13 +214,14 @@ class ShardLoader:
         self.batch_size, self.samples = batch_size, info["samples"]
         self.rank, self.world_size, _, _ = wds.utils.pytorch_worker_info()
         self.workers = min(num_workers, len(self.paths[self.rank :: self.world_size]))  # none idle
-        self.epoch, self.shared_epoch = 0, shared_epoch()
-        stages = [EpochShards(self.paths, seed, self.shared_epoch, shuffle), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=unreadable)]
+        self.epoch, self.shared_epoch = 0, multiprocessing.Value("q", 0, lock=False)
+        decoder = BatchDecoder(manifest, real_exemplar_prob, seed, self.shared_epoch, with_flow)
+        shuffle = split == "train" if shuffle is None else shuffle
+        stages = [functools.partial(epoch_shards, self.paths, seed, self.shared_epoch, shuffle), wds.split_by_node,
+                  wds.split_by_worker, functools.partial(read_tars, members_of=decoder.members)]
         if shuffle and shuffle_buffer > 1:
-            stages.append(EpochShuffle(shuffle_buffer, seed, self.shared_epoch))
-        stages += [wds.map(Decoder(manifest, real_exemplar_prob, seed, self.shared_epoch, with_flow)),
-                   wds.batched(batch_size, collation_fn=collate, partial=True)]
+            stages.append(functools.partial(epoch_shuffle, buffer=shuffle_buffer, seed=seed, epoch=self.shared_epoch))
+        stages.append(wds.batched(batch_size, collation_fn=decoder, partial=True))
         self.dataloader = DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=self.workers,
                                      persistent_workers=self.workers > 0, pin_memory=pin_memory,
                                      prefetch_factor=prefetch_factor if self.workers else None,
@@ -213,8 +230,7 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # of the next iter()
 
-    def check_fits(self, cfg: Any, what: str) -> None:
-        """The shards' images and maps must be what `what` takes (cfg: a ModelConfig)."""
+    def check_fits(self, cfg: Any, what: str) -> None:  # cfg: a ModelConfig
         if (self.image_size, self.label_nc) != (tuple(cfg.image_size), cfg.label_nc):
             raise DataError(f"{self.where}: shards are {self.image_size} with {self.label_nc} input channels, "
                             f"{what} takes {tuple(cfg.image_size)} with {cfg.label_nc}")
@@ -231,17 +247,4 @@ class ShardLoader:
             yield from self.dataloader
 
 
-def make_loader(shards: str | Path, *, batch_size: int, split: str = "train", real_exemplar_prob: float = 0.0,
-                with_flow: bool = False, num_workers: int = 2, seed: int = 0, shuffle: bool | None = None,
-                shuffle_buffer: int = 256, pin_memory: bool = False, prefetch_factor: int = 2) -> ShardLoader:
-    """Compact batches of one split of a shard folder (or its manifest.json); see the module docstring. shuffle:
-    default True for "train". pin_memory: for a CUDA device (to_model then copies asynchronously)."""
-    if not 0.0 <= real_exemplar_prob <= 1.0:
-        raise ValueError(f"real_exemplar_prob must be in [0, 1], got {real_exemplar_prob}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    manifest, shard_dir = read_manifest(shards)
-    return ShardLoader(manifest, shard_dir, split, batch_size=batch_size, real_exemplar_prob=real_exemplar_prob,
-                       with_flow=with_flow, num_workers=num_workers, seed=seed,
-                       shuffle=(split == "train") if shuffle is None else shuffle, shuffle_buffer=shuffle_buffer,
-                       pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+make_loader = ShardLoader  # what callers write: make_loader(shards, batch_size=8, ...)
