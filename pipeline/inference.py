@@ -39,7 +39,7 @@ from pipeline.data.imageio import fit, read_gray, read_label_png, read_photo
 from pipeline.data.loader import to_model
 from pipeline.data.maps import as_edge_map, canny_edges
 from pipeline.data.pose import NUM_JOINTS, POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
-from pipeline.model_files import is_model_uri, load_model, read_run_info
+from pipeline.model_files import load_model, read_run_info
 
 TASKS = ("mask", "edge", "pose")
 # OpenPose BODY_25 -> COCO-18 joint order (BODY_25 adds MidHip at 8 and six foot points at the end).
@@ -318,8 +318,9 @@ def load(model_ref: str | Path, device: torch.device | str = "cpu", task: str | 
     (pipeline.model_files.load_model; tracking URI from $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).
     task: None takes the one recorded in the folder's run.json, else infers it per input (see infer_task)."""
     device = resolve_device(device)
-    net = load_model(model_ref, device)
-    return Translator(net, task or (None if is_model_uri(model_ref) else recorded_task(Path(model_ref))), device)
+    folder = Path(model_ref)
+    return Translator(load_model(model_ref, device), task or (recorded_task(folder) if folder.is_dir() else None),
+                      device)
 
 
 # ---------------------------------------------------------------- a figure of translations

@@ -80,18 +80,13 @@ def read_model_files(folder: str | Path, device: torch.device | str = "cpu") -> 
     return net.to(device).eval()
 
 
-def is_model_uri(ref: str | Path) -> bool:
-    """An MLflow model URI (models:/..., runs:/..., or any other scheme MLflow resolves) rather than a path."""
-    return ":/" in str(ref) and not Path(ref).exists()
-
-
 def load_model(ref: str | Path, device: torch.device | str = "cpu", tracking_uri: str | None = None) -> CoCosNet:
     """CoCosNet in eval mode from a model folder or an MLflow model URI (models:/name@alias, models:/name/version,
     runs:/<id>/model, models:/m-<id>). tracking_uri: the MLflow store a URI refers to (default: MLflow's own,
     i.e. $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder)."""
     if Path(ref).is_dir():
         return read_model_files(ref, device)
-    if not is_model_uri(ref):
+    if ":/" not in str(ref):
         raise FileNotFoundError(f"{ref}: neither a model folder nor an MLflow model URI "
                                 "(models:/<name>@<alias>, runs:/<run id>/model)")
     import mlflow  # a slow import: only for URIs

@@ -178,7 +178,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if source and rank == 0:
         say(f"resumed after step {start_step} from {source}")
     stream = batch_stream(loader, position, cfg.batch_size)
-    audit = Audit(cfg.audit, rank, world_size, resumed=bool(source)) if cfg.audit else None
+    audit = Audit(cfg.audit, rank, world_size, resumed=bool(source))
 
     mlflow_cfg = config.get("mlflow") or {}
     run = None
@@ -193,11 +193,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     log_window, report_window = Window(), Window()
     reported, last_checkpoint = False, start_step
     for step in range(start_step + 1, cfg.steps + 1):
-        if audit:
-            audit.before_step(step, last_checkpoint)
+        audit.before_step(step, last_checkpoint)
         batch = to_model(next(stream), model_cfg.label_nc, device)
-        if audit:
-            audit.read(position.epoch, batch["key"])
+        audit.read(position.epoch, batch["key"])
         try:
             losses, out = train_step(parts, batch, step)
         except NonFiniteLossError as err:
@@ -217,7 +215,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             tracking.log_grid(sample_grid(batch, out.image, out.warped, cfg.grid_samples), step)
 
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            metrics = report_window.take(samples_per_step) | (audit.at_checkpoint(parts) if audit else {})
+            metrics = report_window.take(samples_per_step) | audit.at_checkpoint(parts)
             report(parts, step, position, rank, metrics | {"step": step, "world_size": world_size}, meta,
                    name=f"checkpoint_{step:08d}")
             report_window.start = time.perf_counter()  # its samples/s excludes checkpointing
