@@ -32,7 +32,8 @@ def warp_loss(out, target):
 
 
 @pytest.mark.parametrize("mode", ["patchmatch", "global"])
-@pytest.mark.parametrize("size", [(64, 64), (128, 96), (256, 256)])
+@pytest.mark.parametrize("size", [(64, 64), pytest.param((128, 96), marks=pytest.mark.slow),
+                                  pytest.param((256, 256), marks=pytest.mark.slow)])
 def test_forward_backward_shapes(mode, size):
     cfg = tiny_config(size, mode)
     net = CoCosNet(cfg).train()
@@ -155,6 +156,7 @@ def test_global_attention_recovers_identity():
     assert torch.allclose(res.cycle, image, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_overfit_one_pseudo_pair():
     """Warp-to-target L1 on one fixed pseudo pair (exemplar = shifted target) halves in 30 steps.
 
