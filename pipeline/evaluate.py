@@ -1,6 +1,7 @@
 """Evaluate a trained model on the validation shards: correspondence, reconstruction, style, distributions.
 
-    result = evaluate(load_params("params.yaml"), model_ref="models", shards="data/shards")
+    evaluation = evaluate_model(net, "data/shards", EvalConfig())      # compute: an Evaluation
+    run_evaluation(load_params("params.yaml"))                         # the stage: its files and the model's run
 
 Every validation sample is run twice per model: with its pseudo exemplar (a distorted copy of x_B with the
 exact ground-truth flow) and with its real exemplar (another image, the task the model is for).
@@ -24,29 +25,25 @@ Metrics that need weights which were not given are left out, and the reason is r
 from __future__ import annotations
 
 import inspect
-import io
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import cv2
 import numpy as np
 import torch
-from mlflow.entities import Metric
 from tqdm import tqdm
 
 from model import CoCosNet
 from model.vgg import VGG19, load_vgg19
 from pipeline import metrics as M
+from pipeline import tracking, viz
 from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
-from pipeline.data.loader import make_loader, read_manifest
+from pipeline.data.loader import make_loader, to_model
 from pipeline.data.sources.synthetic import SyntheticSource, render
-from pipeline.params import from_mapping
-from pipeline.train.export import read_run_info
-from pipeline.train.grid import sample_grid
+from pipeline.model_files import load_model
+from pipeline.params import from_mapping, section
 
 CURVE_THRESHOLDS = tuple(float(t) for t in np.arange(0.0, 10.01, 0.5))  # PCK curve (px)
 
@@ -83,17 +80,13 @@ class SyntheticTruth:
     """Label maps and palettes of the synthetic scenes, rebuilt from the source settings the manifest records:
     the ideal translation of input A with exemplar B is render(label_A, palette_B)."""
 
-    def __init__(self, manifest: Mapping[str, Any], size: tuple[int, int]):
+    def __init__(self, manifest: Mapping[str, Any]):
         recorded = manifest["prepared"]["source"]
         settings = inspect.signature(SyntheticSource).parameters
         self.source = SyntheticSource(**{k: v for k, v in recorded.items() if k in settings})
-        self.size = size
 
     def labels(self, name: str) -> np.ndarray:
-        labels = self.source.scene(int(name))[0]
-        if labels.shape != self.size:
-            labels = cv2.resize(labels, self.size[::-1], interpolation=cv2.INTER_NEAREST)
-        return labels
+        return self.source.scene(int(name))[0]
 
     def ideal(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
         """-> ideal images (B, 3, H, W) in [-1, 1], input labels (B, H, W), classes shared with the exemplar."""
@@ -196,13 +189,13 @@ def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
     scores.add("recon/ssim", M.ssim(pseudo.image, batch["image"]))
     scores.add("recon/l1", M.l1(pseudo.image, batch["image"]))
 
-    real = net(batch["input_map"], batch["real_exemplar"], batch["real_exemplar_map"])
+    real = net(batch["input_map"], batch["exemplar"], batch["exemplar_map"])
     if ideal is not None:
         images, labels, shared = ideal
         scores.add("style/colour_error", M.class_colour_errors(real.image, images, labels, shared))
         scores.add("style/psnr_ideal", M.psnr(real.image, images))
     if vgg is not None:
-        for key, values in M.style_scores(vgg, real.image, batch["real_exemplar"], batch["image"]).items():
+        for key, values in M.style_scores(vgg, real.image, batch["exemplar"], batch["image"]).items():
             scores.add(f"style/{key}", values)
     scores.outputs.append(real.image.cpu())
     return real
@@ -229,13 +222,13 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
     """Run `net` (and its untrained twin) over the split; see the module docstring for the metrics."""
     device = torch.device(cfg.device)
     net = net.to(device).eval()
-    manifest, _ = read_manifest(shards)
     size, label_nc = net.cfg.image_size, net.cfg.label_nc
-    loader = make_loader(shards, batch_size=cfg.batch_size, split=cfg.split, image_size=size, label_nc=label_nc,
-                         real_exemplar_prob=0.0, mode="both", num_workers=cfg.loader_workers, seed=cfg.seed,
-                         shuffle=False, device=device)
+    loader = make_loader(shards, batch_size=cfg.batch_size, split=cfg.split, real_exemplar_prob=1.0, with_flow=True,
+                         num_workers=cfg.loader_workers, seed=cfg.seed, shuffle=False, pin_memory=device.type == "cuda")
+    loader.check_fits(net.cfg, "the model")
+    manifest = loader.manifest
     skipped: dict[str, str] = {}
-    truth = SyntheticTruth(manifest, size) if manifest["source"] == "synthetic" else None
+    truth = SyntheticTruth(manifest) if manifest["source"] == "synthetic" else None
     if truth is None:
         skipped["style/colour_error"] = f"needs the synthetic source's palettes (shards are {manifest['source']})"
     vgg = load_vgg19(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
@@ -254,12 +247,12 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
     identity = Scores(cfg.pck_thresholds)
     photos: list[torch.Tensor] = []
     grid, seen = None, 0
-    total = min(loader.total_samples, cfg.max_samples or loader.total_samples)
+    total = min(loader.samples, cfg.max_samples or loader.samples)
     with torch.no_grad(), tqdm(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
         for batch in loader:
             if seen >= total:
                 break
-            batch = trim(batch, total - seen)
+            batch = to_model(trim(batch, total - seen), label_nc, device)
             ideal = None
             if truth is not None:
                 ideal = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in truth.ideal(batch["meta"]))
@@ -267,8 +260,8 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
                 real = run_model(model, batch, scores[name], ideal, vgg)
                 if name == "trained" and grid is None:
                     target = ideal[0] if ideal is not None else batch["image"]
-                    shown = {"input_map": batch["input_map"], "exemplar": batch["real_exemplar"], "image": target}
-                    grid = sample_grid(shown, real.image, real.warped, rows=cfg.grid_rows)
+                    shown = {"input_map": batch["input_map"], "exemplar": batch["exemplar"], "image": target}
+                    grid = viz.sample_grid(shown, real.image, real.warped, rows=cfg.grid_rows)
             identity.add_flow("full", flow_errors(M.identity_positions(size, len(batch["key"])).to(device), batch))
             photos.append(batch["image"].cpu())
             seen += len(batch["key"])
@@ -314,104 +307,40 @@ def drop_nan(tree: Any) -> Any:
     return tree
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """{"corr": {"pck_3": 0.5}} -> {"corr/pck_3": 0.5} (MLflow metric names, register.metric)."""
-    flat: dict[str, float] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat |= flatten(value, f"{prefix}{key}/")
-        else:
-            flat[f"{prefix}{key}"] = float(value)
-    return flat
-
-
-# ---------------------------------------------------------------- the stage: files and MLflow
-
-
-def model_run(model_ref: str, tracking_uri: str) -> str | None:
-    """The MLflow run a model came from: run.json of an exported folder, else the URI's model info."""
-    if Path(model_ref).is_dir():
-        return read_run_info(model_ref).get("mlflow_run_id")
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.models.get_model_info(model_ref).run_id
-
-
-def write_pck_curves(columns: Mapping[str, list[float]], csv_path: Path) -> None:
-    """PCK against the threshold (px), one column per model -> CSV for `dvc plots` and a PNG beside it."""
-    lines = ["threshold_px," + ",".join(columns)]
+def write_pck_csv(curves: Mapping[str, list[float]], path: Path) -> None:
+    """PCK against the threshold (px), one column per model, for `dvc plots`."""
+    lines = ["threshold_px," + ",".join(curves)]
     for i, t in enumerate(CURVE_THRESHOLDS):
-        lines.append(f"{t:g}," + ",".join(f"{values[i]:.5f}" for values in columns.values()))
-    atomic_write_bytes(csv_path, ("\n".join(lines) + "\n").encode())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, values in columns.items():
-        ax.plot(CURVE_THRESHOLDS, values, label=name, lw=2 if name == "trained" else 1)
-    ax.set(xlabel="threshold (px)", ylabel="PCK", ylim=(0, 1), title="correspondence accuracy (pseudo pairs)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(csv_path.with_suffix(".png"), buffer.getvalue())
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
-    if not ok:
-        raise ValueError("could not encode the sample grid as PNG")
-    return encoded.tobytes()
+        lines.append(f"{t:g}," + ",".join(f"{values[i]:.5f}" for values in curves.values()))
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def run_evaluation(params: Mapping[str, Any], *, model_ref: str = "models", shards: str = "data/shards",
                    metrics_path: str | Path = "metrics/eval.json", reports_dir: str | Path = "reports",
                    progress: bool = True) -> Evaluation:
-    """The evaluate stage: metrics file, PCK curves, sample grid, and the same logged to the model's MLflow run."""
-    import mlflow
+    """The evaluate stage: the Evaluation of the model on the validation shards -> metrics_path and
+    reports_dir/eval_pck.csv, eval_pck.png, eval_samples.png, all also published to the model's MLflow run."""
+    cfg = EvalConfig.from_dict(section(params, "evaluate"))
+    uri = tracking.tracking_uri(tracking.MlflowConfig.from_params(params))
+    result = evaluate_model(load_model(model_ref, cfg.device, tracking_uri=uri), shards, cfg, progress=progress)
 
-    from pipeline import tracking
-    from pipeline.train.config import MlflowConfig
-
-    cfg = EvalConfig.from_dict(params.get("evaluate") or {})
-    uri = tracking.tracking_uri(MlflowConfig.from_dict(params.get("mlflow") or {}))
-    if not Path(model_ref).is_dir():
-        mlflow.set_tracking_uri(uri)
-    net = tracking.load_model(model_ref, cfg.device)
-    result = evaluate_model(net, shards, cfg, progress=progress)
-
-    reports = Path(reports_dir)
+    reports, figure = Path(reports_dir), viz.pck_figure(CURVE_THRESHOLDS, result.curves)
     atomic_write_json(metrics_path, result.metrics)
-    write_pck_curves(result.curves, reports / "eval_pck.csv")
+    write_pck_csv(result.curves, reports / "eval_pck.csv")
     if result.grid is not None:
-        atomic_write_bytes(reports / "eval_samples.png", png_bytes(result.grid))
-
-    run_id = model_run(model_ref, uri)
+        atomic_write_bytes(reports / "eval_samples.png", viz.png_bytes(result.grid))
+    run_id = tracking.model_run_id(model_ref, uri)
     if run_id:
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        flat = {f"eval/{k}": v for k, v in flatten(result.metrics).items()}
-        items = [Metric(k, v, int(time.time() * 1000), 0) for k, v in flat.items()]
-        for start in range(0, len(items), 1000):
-            client.log_batch(run_id, metrics=items[start:start + 1000])
-        for name, reason in result.skipped.items():
-            client.set_tag(run_id, f"eval.skipped.{name}", reason)
-        client.set_tag(run_id, "eval.model_ref", str(model_ref))
-        for path in (Path(metrics_path), reports / "eval_pck.csv", reports / "eval_pck.png",
-                     reports / "eval_samples.png"):
-            if path.exists():
-                client.log_artifact(run_id, str(path), artifact_path="eval")
+        tracking.publish_evaluation(uri, run_id, result.metrics, skipped=result.skipped, grid=result.grid,
+                                    curves={"threshold_px": list(CURVE_THRESHOLDS), **result.curves},
+                                    pck_figure=figure, tags={"eval.model_ref": str(model_ref)})
+    atomic_write_bytes(reports / "eval_pck.png", viz.figure_png(figure))
     say_summary(result, run_id)
     return result
 
 
 def say_summary(result: Evaluation, run_id: str | None) -> None:
-    flat = flatten(result.metrics)
+    flat = tracking.flatten(result.metrics, "/")
 
     def line(name: str, key: str, fmt: str) -> str:
         trained, untrained = flat.get(key), flat.get(f"untrained/{key}")

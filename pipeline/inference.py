@@ -36,10 +36,10 @@ from PIL import Image
 from model import CoCosNet, ModelConfig
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.imageio import fit, read_gray, read_label_png, read_photo
-from pipeline.data.loader import image_to_float, map_to_float
+from pipeline.data.loader import to_model
 from pipeline.data.maps import as_edge_map, canny_edges
 from pipeline.data.pose import NUM_JOINTS, POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
-from pipeline.train.export import read_model_files, read_run_info
+from pipeline.model_files import load_model, read_run_info
 
 TASKS = ("mask", "edge", "pose")
 # OpenPose BODY_25 -> COCO-18 joint order (BODY_25 adds MidHip at 8 and six foot points at the end).
@@ -139,6 +139,11 @@ def read_map_array(source: MapSource, task: str) -> np.ndarray:
         return read_label_png(path) if task == "mask" else read_gray(path)
 
 
+def expand(array: np.ndarray, name: str, label_nc: int) -> torch.Tensor:
+    """One sample's compact array, as the loader gives it under `name`, -> its model tensor (loader.to_model)."""
+    return to_model({name: torch.from_numpy(np.ascontiguousarray(array[None]))}, label_nc)[name][0]
+
+
 def map_to_tensor(array: np.ndarray, task: str, cfg: ModelConfig, where: str) -> torch.Tensor:
     """(H, W) ids or grey, or (C, H, W) channels, any size -> (label_nc, H, W) float as the loader makes it."""
     size, label_nc = cfg.image_size, cfg.label_nc
@@ -153,7 +158,7 @@ def map_to_tensor(array: np.ndarray, task: str, cfg: ModelConfig, where: str) ->
         else:
             raise DataError(f"{where}: channel maps must be uint8 (0-255) or float in [0, 1], got {array.dtype}")
         channels = fit(scaled.transpose(1, 2, 0), size, "nearest").reshape(*size, label_nc).transpose(2, 0, 1)
-        return map_to_float(torch.from_numpy(np.ascontiguousarray(channels[None])), "channels", label_nc)[0]
+        return expand(channels, "input_map", label_nc)
     if array.ndim != 2:
         raise DataError(f"{where}: a map must be (H, W) or (C, H, W), got shape {array.shape}")
     if task == "pose":
@@ -165,7 +170,7 @@ def map_to_tensor(array: np.ndarray, task: str, cfg: ModelConfig, where: str) ->
         grey = as_edge_map(array) if array.dtype == bool else array
         if grey.dtype != np.uint8:
             raise DataError(f"{where}: an edge map must be an 8-bit grey image, got {array.dtype}")
-        return map_to_float(torch.from_numpy(fit(grey, size, "nearest")[None, None]), "channels", 1)[0]
+        return expand(fit(grey, size, "nearest")[None], "input_map", 1)
     if not np.issubdtype(array.dtype, np.integer):
         raise DataError(f"{where}: a label map must hold integer class ids, got {array.dtype}")
     if array.size and (int(array.min()) < 0 or int(array.max()) >= label_nc):
@@ -173,7 +178,7 @@ def map_to_tensor(array: np.ndarray, task: str, cfg: ModelConfig, where: str) ->
         raise DataError(f"{where}: class id {bad} is outside 0..{label_nc - 1} (label_nc {label_nc} of the model); "
                         "label maps must be index PNGs of class ids")
     ids = fit(array.astype(np.uint8 if label_nc <= 256 else np.int32), size, "nearest")  # dtypes cv2 resizes
-    return map_to_float(torch.from_numpy(ids[None]), "ids", label_nc)[0]
+    return expand(ids, "input_map", label_nc)
 
 
 def pose_to_tensor(path: str | Path, cfg: ModelConfig, canvas: tuple[int, int]) -> torch.Tensor:
@@ -186,7 +191,7 @@ def pose_to_tensor(path: str | Path, cfg: ModelConfig, canvas: tuple[int, int]) 
         raise DataError(f"{path}: keypoints lie outside the {width}x{height} canvas they are drawn on "
                         "(the exemplar photo's size unless a pose canvas is given)")
     pose = encode_pose(candidate, joints, (height, width), cfg.image_size)
-    return map_to_float(torch.from_numpy(pose[None]), "channels", POSE_CHANNELS)[0]
+    return expand(pose, "input_map", POSE_CHANNELS)
 
 
 def read_exemplar(source: PhotoSource, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -214,7 +219,7 @@ def infer_task(source: MapSource, label_nc: int, hint: str | None = None) -> str
 
 
 def image_from_tensor(image: torch.Tensor) -> Image.Image:
-    """(3, h, w) in [-1, 1] -> RGB PIL image (the inverse of the loader's image_to_float)."""
+    """(3, h, w) in [-1, 1] -> RGB PIL image (the inverse of the loader's expansion)."""
     array = image.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), "RGB")
 
@@ -262,11 +267,11 @@ class Translator:
         if exemplar_map is not None:
             y_a = self.load_map(exemplar_map, task, photo_size)
         elif task == "edge" and self.cfg.label_nc == 1:
-            y_a = map_to_float(torch.from_numpy(as_edge_map(canny_edges(photo))[None, None]), "channels", 1)[0]
+            y_a = expand(as_edge_map(canny_edges(photo))[None], "exemplar_map", 1)
         else:
             raise DataError(f"{_where(exemplar)}: a {task} model needs the exemplar's own {task} map "
                             "(--exemplar-map); only 1-channel edge models compute it from the photo")
-        y_b = image_to_float(torch.from_numpy(np.ascontiguousarray(photo[None])))[0]
+        y_b = expand(photo.transpose(2, 0, 1), "exemplar", self.cfg.label_nc)
         return Prepared(x_a, y_b, y_a)
 
     @torch.no_grad()
@@ -309,19 +314,13 @@ def recorded_task(folder: Path) -> str | None:
 
 
 def load(model_ref: str | Path, device: torch.device | str = "cpu", task: str | None = None) -> Translator:
-    """A Translator for an exported model folder (models/, or one written by convert-official) or an MLflow
-    model URI (models:/name@alias, models:/name/version, runs:/<id>/model; tracking URI from
-    $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db). task: None infers it (see infer_task)."""
+    """A Translator for a model folder (models/, or one written by convert-official) or an MLflow model URI
+    (pipeline.model_files.load_model; tracking URI from $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).
+    task: None takes the one recorded in the folder's run.json, else infers it per input (see infer_task)."""
     device = resolve_device(device)
-    path = Path(model_ref)
-    if path.is_dir():
-        return Translator(read_model_files(path, device), task or recorded_task(path), device)
-    if ":/" not in str(model_ref):
-        raise FileNotFoundError(f"{model_ref}: neither a model folder nor an MLflow model URI "
-                                "(models:/<name>@<alias>, runs:/<run id>/model)")
-    from pipeline.tracking import load_model  # MLflow is a slow import: only for URIs
-
-    return Translator(load_model(str(model_ref), device), task, device)
+    folder = Path(model_ref)
+    return Translator(load_model(model_ref, device), task or (recorded_task(folder) if folder.is_dir() else None),
+                      device)
 
 
 # ---------------------------------------------------------------- a figure of translations
@@ -329,47 +328,22 @@ def load(model_ref: str | Path, device: torch.device | str = "cpu", task: str | 
 
 def figure(translator: Translator, shards: str | Path, out: str | Path, rows: int = 4, split: str = "val",
            scale: int | None = None) -> Path:
-    """A PNG grid input | exemplar | warped (finest level) | output for `rows` distinct images of a shard split,
+    """A PNG grid input | exemplar | warped (finest level) | output for the first `rows` images of a shard split,
     each translated with its real (retrieved or listed) exemplar. Tiles are upscaled (nearest) to >= 192 px."""
-    import cv2
-
     from pipeline.data.imageio import atomic_write_bytes
     from pipeline.data.loader import make_loader
-    from pipeline.train.grid import SEPARATOR, image_to_rgb, map_to_rgb
+    from pipeline.viz import image_to_rgb, map_to_rgb, png_bytes, tile
 
     cfg = translator.cfg
-    loader = make_loader(shards, batch_size=rows * 4, split=split, image_size=cfg.image_size,
-                         label_nc=cfg.label_nc, mode="both", num_workers=0, shuffle=False)
-    batch = next(iter(loader))
-    seen, picked = set(), []
-    for i, key in enumerate(batch["key"]):  # one variant per image: variants share the input map
-        if key.split("#")[0] not in seen and len(picked) < rows:
-            seen.add(key.split("#")[0])
-            picked.append(i)
-    index = torch.tensor(picked)
-    x_a, y_b, y_a = (batch[name][index].to(translator.device)
-                     for name in ("input_map", "real_exemplar", "real_exemplar_map"))
+    loader = make_loader(shards, batch_size=rows, split=split, real_exemplar_prob=1.0, num_workers=0, shuffle=False)
+    loader.check_fits(cfg, "the model")
+    batch = to_model(next(iter(loader)), cfg.label_nc, translator.device)
     with torch.no_grad():
-        result = translator.net(x_a, y_b, y_a)
+        result = translator.net(batch["input_map"], batch["exemplar"], batch["exemplar_map"])
     h, w = cfg.image_size
     scale = scale or max(1, -(-192 // min(h, w)))
     size = (h * scale, w * scale)
-    columns = {"input": torch.nn.functional.interpolate(map_to_rgb(x_a).cpu(), size=size, mode="nearest"),
-               "exemplar": image_to_rgb(y_b.cpu(), size), "warped": image_to_rgb(result.warped[-1].cpu(), size),
-               "output": image_to_rgb(result.image.cpu(), size)}
-    header = 28
-    th, tw = size
-    grid = np.full((header + len(picked) * (th + SEPARATOR) - SEPARATOR,
-                    len(columns) * (tw + SEPARATOR) - SEPARATOR, 3), 255, np.uint8)
-    for col, (title, tiles) in enumerate(columns.items()):
-        x = col * (tw + SEPARATOR)
-        (text_w, _), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
-        cv2.putText(grid, title, (x + (tw - text_w) // 2, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-        for row in range(len(picked)):
-            y = header + row * (th + SEPARATOR)
-            grid[y : y + th, x : x + tw] = (tiles[row].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    if not ok:
-        raise DataError(f"{out}: PNG encoding failed")
-    atomic_write_bytes(out, png.tobytes())
+    columns = {"input": map_to_rgb(batch["input_map"], size), "exemplar": image_to_rgb(batch["exemplar"], size),
+               "warped": image_to_rgb(result.warped[-1], size), "output": image_to_rgb(result.image, size)}
+    atomic_write_bytes(out, png_bytes(tile(list(columns.values()), titles=list(columns)), compression=9))
     return Path(out)

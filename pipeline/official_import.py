@@ -6,7 +6,7 @@
 The official code saves `torch.save(net.state_dict(), "<epoch>_net_<Corr|G>.pth")` and its options as
 `opt.txt` (printed table) and `opt.pkl` (a pickled argparse.Namespace). Nothing is unpickled beyond
 plain data: checkpoints load with torch.load(weights_only=True), and opt.pkl through an unpickler that
-admits argparse.Namespace and nothing else. The folder written is the one `pipeline.tracking.load_model`
+admits argparse.Namespace and nothing else. The folder written is the one `pipeline.model_files.load_model`
 and `cocosnet translate` read: state_dict.pt, model_config.json, run.json (provenance and task).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from model import ModelConfig
 from model.official import from_official, from_official_v1
 from pipeline.data.errors import DataError
-from pipeline.train.export import MODEL_CONFIG_FILE, export_model
+from pipeline.model_files import MODEL_CONFIG_FILE, export_model
 
 # dataset_mode of the official options (v2 and v1) -> the task of this project's data stages
 OFFICIAL_TASKS = {"deepfashionhd": "pose", "deepfashion": "pose", "ade20k": "mask", "ade20klayout": "mask",

@@ -1,6 +1,7 @@
 """MLflow model registry: register the trained model as `challenger`, promote it to `champion` when it is better.
 
-    decision = register_model(client, "cocosnet", model_uri, run_id, metrics, RegisterConfig())
+    decision = run_register(load_params("params.yaml"))        # the register stage: models/ + metrics/eval.json
+    decision = register_model(client, model_uri, run_id, metrics, RegisterConfig())
 
 The decision compares `register.metric` (a metrics/eval.json path such as "corr/pck_3") of the new model with
 the same metric recorded on the current champion's version. The first model becomes champion. The decision
@@ -8,13 +9,18 @@ is recorded as tags on the new version (and returned, for metrics/register.json)
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.params import from_mapping
+from pipeline import tracking
+from pipeline.data.imageio import atomic_write_json
+from pipeline.model_files import RUN_FILE, read_run_info
+from pipeline.params import from_mapping, section
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 
@@ -119,3 +125,24 @@ def register_model(client: MlflowClient, model_uri: str, run_id: str | None, met
     for key, text in tags.items():
         client.set_model_version_tag(cfg.name, str(version), key, text)
     return Decision(version, promoted, value, champion, champion_value, reason)
+
+
+def run_register(params: Mapping[str, Any], model_dir: str | Path = "models",
+                 eval_path: str | Path = "metrics/eval.json",
+                 out_path: str | Path | None = "metrics/register.json") -> Decision:
+    """The register stage: the MLflow model named in model_dir/run.json, judged by the evaluate stage's metrics
+    (register.metric in eval_path); the decision also goes to out_path."""
+    cfg = RegisterConfig.from_dict(section(params, "register"))
+    run_file, eval_file = Path(model_dir) / RUN_FILE, Path(eval_path)
+    for path in (run_file, eval_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (run the train and evaluate stages first)")
+    run = read_run_info(model_dir)
+    if not run.get("model_uri"):
+        raise ValueError(f"{run_file}: no MLflow model_uri (was mlflow.log_model false for this training run?)")
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(tracking.MlflowConfig.from_params(params)))
+    decision = register_model(client, run["model_uri"], run.get("mlflow_run_id"), json.loads(eval_file.read_text()),
+                              cfg, where=str(eval_file))
+    if out_path:
+        atomic_write_json(out_path, decision.to_metrics())
+    return decision

@@ -1,11 +1,9 @@
-"""MLflow tracking for the pipeline: runs, params, metrics, sample grids, the logged model, and loading it back.
+"""MLflow tracking for the pipeline: where runs live (MlflowConfig), runs, params, metrics, sample grids, the logged
+model (pipeline/pyfunc_model.py), and the evaluation published to the model's run.
 
-The training driver creates the run (params, tags); Ray's rank 0 logs into it during training
-(losses, throughput, grids, the final model); evaluation loads the model with `load_model`.
-
-    load_model("models")                       # the exported folder (DVC out)
-    load_model("models:/cocosnet@champion")    # a registered model
-    load_model("runs:/<run id>/model")         # a run's logged model
+The training driver creates the run (params, tags); Ray's rank 0 logs into it during training (losses, throughput,
+grids, the final model); the evaluate stage publishes its Evaluation into the same run. Models are read back with
+pipeline.model_files.load_model.
 
 Tracking URI: params `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, with the
 artifacts of new experiments in mlartifacts/ when the store is local.
@@ -16,6 +14,7 @@ import hashlib
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,15 +23,40 @@ import numpy as np
 import torch
 from mlflow.entities import Param
 
-from model import CoCosNet, ModelConfig
+from model import ModelConfig
 from pipeline import serving
-from pipeline.train.config import MlflowConfig
-from pipeline.train.export import read_model_files, write_model_files
+from pipeline.model_files import MODEL_CONFIG_FILE, STATE_DICT_FILE, read_run_info, write_model_files
+from pipeline.params import from_mapping, section
 
-PYFUNC_CODE = Path(__file__).resolve().parent / "train" / "pyfunc_model.py"
+PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"
 MODEL_NAME = "model"  # name of the logged model inside a run: runs:/<id>/model
 SAMPLES_KEY = "samples"  # sample grids: images/samples+step+<n>+...png
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """The `mlflow:` section of params.yaml. The URI comes from params, else $MLFLOW_TRACKING_URI, else
+    sqlite:///mlflow.db."""
+
+    tracking_uri: str | None = None
+    experiment: str = "cocosnet"
+    artifact_location: str = "mlartifacts"  # for new experiments on a local (sqlite/file) store
+    system_metrics: bool = False  # CPU/memory/GPU sampled by MLflow every 10 s
+    log_model: bool = True  # log the final model as a pyfunc (config + state dict, no pickle)
+
+    @property
+    def resolved_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MlflowConfig":
+        return from_mapping(cls, dict(values), "mlflow")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "MlflowConfig":
+        return cls.from_dict(section(params, "mlflow"))
 
 
 # ---------------------------------------------------------------- URIs, experiments and runs
@@ -69,16 +93,21 @@ def ensure_experiment(uri: str, cfg: MlflowConfig, base: str | Path = ".") -> st
     return client.create_experiment(cfg.experiment, artifact_location=location)
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"train": {"lr": 1e-4}} -> {"train.lr": "0.0001"} (MLflow params are flat strings)."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
+def flatten(tree: Mapping[str, Any], separator: str, prefix: str = "") -> dict[str, Any]:
+    """{"corr": {"pck_3": 0.5}} -> {"corr<separator>pck_3": 0.5}: MLflow names are flat (empty mappings are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat |= flatten_params(value, f"{name}.")
+            flat |= flatten(value, separator, f"{name}{separator}")
         else:
-            flat[name] = str(value)
+            flat[name] = value
     return flat
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": "0.0001"} (MLflow params are flat strings)."""
+    return {name: str(value) for name, value in flatten(params, ".").items()}
 
 
 def manifest_sha256(shard_dir: str | Path) -> str:
@@ -134,24 +163,37 @@ def log_model(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
         with warnings.catch_warnings(record=True):  # advice to add an input example: the signature describes the inputs
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(PYFUNC_CODE), code_paths=[str(MODEL_PACKAGE)],
-                artifacts={"model_config": str(Path(tmp) / "model_config.json"),
-                           "state_dict": str(Path(tmp) / "state_dict.pt")},
+                artifacts={"model_config": str(Path(tmp) / MODEL_CONFIG_FILE),
+                           "state_dict": str(Path(tmp) / STATE_DICT_FILE)},
                 signature=serving.signature(cfg),  # MLflow checks requests against it
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                                   f"numpy=={np.__version__}"])
     return info.model_uri
 
 
-# ---------------------------------------------------------------- loading a trained model
+# ---------------------------------------------------------------- the evaluate stage
 
 
-def load_model(ref: str | Path, device: torch.device | str = "cpu") -> CoCosNet:
-    """CoCosNet in eval mode from an exported folder (models/) or an MLflow model URI
-    (models:/name@alias, models:/name/version, runs:/<id>/model, models:/m-<id>)."""
-    if Path(ref).is_dir():
-        return read_model_files(ref, device)
-    ref = str(ref)
-    if ":/" not in ref:
-        raise FileNotFoundError(f"{ref}: neither a model folder nor an MLflow model URI")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
-    return read_model_files(local / "artifacts", device)
+def model_run_id(model_ref: str | Path, uri: str) -> str | None:
+    """The MLflow run a model came from: run.json of a model folder, else the model URI's own record."""
+    if Path(model_ref).is_dir():
+        return read_run_info(model_ref).get("mlflow_run_id")
+    mlflow.set_tracking_uri(uri)
+    return mlflow.models.get_model_info(str(model_ref)).run_id
+
+
+def publish_evaluation(uri: str, run_id: str, metrics: Mapping[str, Any], *, skipped: Mapping[str, str],
+                       curves: Mapping[str, Any], pck_figure: Any, grid: np.ndarray | None,
+                       tags: Mapping[str, str]) -> None:
+    """An evaluation into the model's run: metrics as eval/<name>, why any were skipped as eval.skipped.<name>
+    tags, and eval/eval.json, eval/pck.json (the PCK curves, appended to on re-evaluation), eval/pck.png and
+    eval/samples.png."""
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"eval/{name}": float(value) for name, value in flatten(metrics, "/").items()})
+        mlflow.set_tags({**{f"eval.skipped.{name}": reason for name, reason in skipped.items()}, **tags})
+        mlflow.log_dict(dict(metrics), "eval/eval.json")
+        mlflow.log_table(dict(curves), "eval/pck.json")
+        mlflow.log_figure(pck_figure, "eval/pck.png")
+        if grid is not None:
+            mlflow.log_image(grid, "eval/samples.png")

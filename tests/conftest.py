@@ -51,7 +51,7 @@ TRAIN_DATA = {"source": "synthetic", "task": "mask", "image_size": 64, "label_nc
 
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory) -> Path:
-    """Tiny synthetic shards for training: 24 images at 64x64, 12 classes, one pseudo variant each,
+    """Tiny synthetic shards for training: 24 images at 64x64, 12 classes, one pseudo exemplar each,
     4 samples per shard (train: 5 shards, val: 4)."""
     from pipeline.data.config import AugmentConfig, ShardConfig
     from pipeline.data.prepare import prepare_dataset

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pipeline.cli import COMMANDS, STAGES, main
-from pipeline.train.export import read_model_files
+from pipeline.model_files import read_model_files
 from tests.conftest import REPO_ROOT
 from tests.tiny_translation import SIZE, write_pose
 
@@ -68,13 +68,16 @@ def test_usage_errors_exit_2(capsys, tmp_path):
     assert exit_info.value.code == 2
 
 
-def test_stage_subcommands_call_the_stage_main(monkeypatch):
-    import stages.prepare
-
-    seen = []
-    monkeypatch.setattr(stages.prepare, "main", lambda argv: seen.append((argv, sys.argv[0])) or 3)
-    assert main(["prepare", "--params", "x.yaml"]) == 3
-    assert seen == [(["--params", "x.yaml"], "cocosnet prepare")]
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_dvc_stage_is_its_cocosnet_subcommand(stage, capsys):
+    """`python -m stages.<stage>` (what dvc.yaml runs) takes the same arguments and gives the same errors."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--params", "missing.yaml"], capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT, timeout=120)
+    code, _, err = run_cli(capsys, stage, "--params", "missing.yaml")
+    assert done.returncode == code == 1
+    assert done.stderr == err == f"cocosnet {stage}: error: missing.yaml: params file not found (run from the " \
+                                 "repository root)\n"
 
 
 # ---------------------------------------------------------------- translate
@@ -149,7 +152,7 @@ def test_translate_with_a_registry_alias(model_dir, pairs, tmp_path, capsys, mon
     import mlflow
 
     from pipeline import tracking
-    from pipeline.train.config import MlflowConfig
+    from pipeline.tracking import MlflowConfig
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -18,8 +18,9 @@ from pipeline.params import load_params
 from tests.test_data_helpers import build_shards, tiny_shard_config
 
 REPO = Path(__file__).resolve().parents[1]
-MEMBERS = {"input.png", "image.jpg", "exemplar.jpg", "exemplar_input.png", "pseudo.jpg", "pseudo_input.png",
-           "pseudo_flow.npy", "meta.json"}
+MEMBERS = {"input.png", "image.jpg", "exemplar.jpg", "exemplar_input.png", "meta.json",  # and per pseudo exemplar:
+           "pseudo.0.jpg", "pseudo_input.0.png", "pseudo_flow.0.npy", "pseudo.1.jpg", "pseudo_input.1.png",
+           "pseudo_flow.1.npy"}
 
 
 def tar_samples(path):
@@ -33,6 +34,10 @@ def tar_samples(path):
     return samples, headers
 
 
+def meta_name(members):
+    return json.loads(members["meta.json"])["name"]
+
+
 def shard_bytes(shard_dir):
     return {p.name: p.read_bytes() for p in sorted(shard_dir.glob("*.tar"))}
 
@@ -44,11 +49,11 @@ def built(tmp_path_factory):
 
 def test_manifest_lists_every_shard_with_counts_and_sha256(built):
     shard_dir, manifest = built
-    assert manifest["format"] == "cocosnet-wds/1" and manifest["label_nc"] == 12
+    assert manifest["format"] == "cocosnet-wds/2" and manifest["label_nc"] == 12 and manifest["pseudo_per_image"] == 2
     assert manifest["image_size"] == [32, 32] and manifest["input_encoding"] == "ids"
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     assert train["images"] + val["images"] == 16 and val["images"] == 4  # val_fraction 0.25
-    assert train["samples"] == 2 * train["images"] and val["samples"] == 8
+    assert train["samples"] == train["images"] and val["samples"] == 4  # one sample per image
     assert len(train["shards"]) == 4 and len(val["shards"]) == 4  # min_shards_per_split
     for info in train["shards"] + val["shards"]:
         data = (shard_dir / info["name"]).read_bytes()
@@ -67,17 +72,21 @@ def test_samples_follow_the_schema(built):
         for key, members in samples.items():
             keys.add(key)
             assert set(members) == MEMBERS
-            assert key.startswith("synthetic/") and "#" in key
+            assert key == f"synthetic/{meta_name(members)}"
             meta = json.loads(members["meta.json"])
             assert meta["key"] == key and meta["exemplar"] != meta["name"]
             assert meta["pairing"] == "retrieved" and len(meta["palette"]) == 12 and meta["exemplar_palette"]
             assert decode_jpeg(members["image.jpg"]).shape == (32, 32, 3)
             assert decode_png(members["input.png"]).max() < 12
-            flow = np.load(io.BytesIO(members["pseudo_flow.npy"]), allow_pickle=False)
-            assert flow.dtype == np.float16 and flow.shape == (2, 32, 32)
-            assert np.isfinite(flow).mean() > 0.3
-            assert any(p["transform"] == "Affine" for p in meta["augmentation"])
-    assert {k.rsplit("#", 1)[1] for k in keys} == {"0", "1"}  # two pseudo variants per image
+            assert len(meta["augmentation"]) == 2  # the sampled distortion of each pseudo exemplar
+            for k in (0, 1):
+                flow = np.load(io.BytesIO(members[f"pseudo_flow.{k}.npy"]), allow_pickle=False)
+                assert flow.dtype == np.float16 and flow.shape == (2, 32, 32)
+                assert np.isfinite(flow).mean() > 0.3
+                assert any(p["transform"] == "Affine" for p in meta["augmentation"][k])
+            assert members["pseudo.0.jpg"] != members["pseudo.1.jpg"]  # two different distortions
+            assert meta["augmentation"][0] != meta["augmentation"][1]
+    assert len(keys) == manifest["splits"]["train"]["images"]  # one sample per image
     report = json.loads((shard_dir.parent / "reports" / "shard_report.json").read_text())
     assert report["status"] == "ok" and report["skipped"] == []
 
@@ -104,7 +113,7 @@ def test_interrupted_run_resumes_skipping_complete_shards(built, tmp_path, monke
 
     def failing_build(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 15:  # 6 samples per train shard: dies in the middle of the third
+        if calls["n"] > 7:  # 3 samples per train shard: dies in the middle of the third
             raise KeyboardInterrupt
         return real_build(*args, **kwargs)
 
@@ -134,7 +143,7 @@ def test_changed_params_rebuild_instead_of_reusing(built, tmp_path):
 
 
 def test_stages_run_from_params_yaml(tmp_path, monkeypatch):
-    from stages import prepare, shard
+    from pipeline.cli import main
 
     params = {
         "data": {"source": "synthetic", "root": None, "task": "edge", "image_size": 32, "label_nc": 1, "seed": 0,
@@ -145,8 +154,8 @@ def test_stages_run_from_params_yaml(tmp_path, monkeypatch):
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    assert prepare.main([]) == 0
-    assert shard.main([]) == 0
+    assert main(["prepare"]) == 0
+    assert main(["shard"]) == 0
     manifest = json.loads((tmp_path / "data/shards/manifest.json").read_text())
     assert manifest["task"] == "edge" and manifest["input_encoding"] == "channels"
     assert manifest["params"]["data"]["synthetic"] == {"num_images": 12}

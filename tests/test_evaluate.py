@@ -11,9 +11,10 @@ import torch.nn as nn
 
 from model import CoCosNet, CoCosNetOutput
 from pipeline import metrics as M
-from pipeline.evaluate import EvalConfig, evaluate_model, flatten, run_evaluation
+from pipeline.evaluate import EvalConfig, evaluate_model, run_evaluation
 from pipeline.registry import CHALLENGER, CHAMPION, RegisterConfig, register_model
-from pipeline.train.export import RUN_FILE, write_model_files
+from pipeline.tracking import flatten
+from pipeline.model_files import RUN_FILE, write_model_files
 from tests.tiny_translation import tiny_config
 
 
@@ -57,7 +58,7 @@ def test_evaluate_model_reports_every_metric_per_level_and_untrained(train_shard
         warnings.simplefilter("ignore")  # random VGG weights warn loudly
         cfg = EvalConfig(batch_size=4, vgg_weights="random", fid_features="vgg19", grid_rows=2)
         result = evaluate_model(tiny_net, str(train_shards), cfg, progress=False)
-    flat = flatten(result.metrics)
+    flat = flatten(result.metrics, "/")
     for prefix in ("", "untrained/"):
         for key in ("corr/epe", "corr/pck_1", "corr/pck_3", "corr/pck_5", "recon/psnr", "recon/ssim", "recon/l1",
                     "style/colour_error", "style/psnr_ideal", "style/vgg_colour", "style/vgg_texture",
@@ -111,7 +112,7 @@ def test_run_evaluation_writes_files_and_logs_to_the_models_run(train_shards, ti
     assert run.data.metrics["eval/corr/pck_3"] == pytest.approx(written["corr"]["pck_3"])
     assert "eval.skipped.dist/fid" in run.data.tags
     logged = {f.path for f in client.list_artifacts(run_id, "eval")}
-    assert {"eval/eval.json", "eval/eval_samples.png", "eval/eval_pck.csv"} <= logged
+    assert logged == {"eval/eval.json", "eval/samples.png", "eval/pck.png", "eval/pck.json"}
 
 
 def test_register_promotes_only_a_better_model(tmp_path):

@@ -31,7 +31,8 @@ def warp_loss(out, target):
     return sum(F.l1_loss(w, F.adaptive_avg_pool2d(target, w.shape[-2:])) for w in out.warped)
 
 
-@pytest.mark.parametrize("size", [(64, 64), (128, 96), (256, 256)])
+@pytest.mark.parametrize("size", [(64, 64), pytest.param((128, 96), marks=pytest.mark.slow),
+                                  pytest.param((256, 256), marks=pytest.mark.slow)])
 def test_forward_backward_shapes(size):
     cfg = tiny_config(size)
     net = CoCosNet(cfg).train()
@@ -157,6 +158,7 @@ def test_global_attention_recovers_identity():
     assert torch.allclose(res.cycle, image, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_overfit_one_pseudo_pair():
     """Warp-to-target L1 on one fixed pseudo pair (exemplar = shifted target) halves in 30 steps.
 

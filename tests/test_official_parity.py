@@ -2,6 +2,11 @@
 
 The fixture README explains the recipe; the PatchMatch propagation order is replayed by patching
 ``random`` in model.patchmatch with the draws the official run consumed.
+
+Bounds: where our code and the official code take different float-summation orders, each differs from the exact
+result by about what the official code shows against itself when only its CPU kernels change (the fixture's noise
+floor, `checks`: mkldnn off vs on). So they may differ from each other by up to twice that floor, and no more.
+Bounds taken from one machine failed on another x86 CPU (level-0 warp: 1.08e-4 against a bound of 1e-4).
 """
 from __future__ import annotations
 
@@ -78,44 +83,63 @@ def case_run(weights, case):
     return net, corr, teacher_forced
 
 
-def test_level0_warp_matches_official(case, case_run):
+@pytest.fixture(scope="module")
+def floor(case):
+    """The official code against itself across CPU kernels: warps (max, mean, frac_pix_gt_1e-3 per level) and
+    index agreements (level<i>_inds_allcols_agree, level<i>_inds_col0_agree)."""
+    return {**case["checks"]["noise_floor_mkldnn_off_detail"], **case["checks"]["fp32_mkldnn_disabled_vs_reference"]}
+
+
+@pytest.mark.slow  # the 512x512 case_run
+def test_level0_warp_matches_official(case, case_run, floor):
+    """Level 0 is a softmax at temperature 0.01 over 4096 logits, which amplifies float-summation order: the
+    official code moves its own warp by up to 8.2e-5 (mean 4.9e-6) when its CPU kernels change."""
     _, corr, _ = case_run
+    floor = floor["warp_0"]
     official = case["outputs"]["warp_out"][0]
     assert corr.warped[0].shape == official.shape
-    # The official code's own spread: 8.2e-5 under another conv kernel (fixture README), ~1e-4 between
-    # two x86 CPUs; 1.08e-4 for the dense-softmax version of this code on the 2-core EPYC VM.
-    assert (corr.warped[0] - official).abs().max().item() <= 2e-4
+    difference = (corr.warped[0] - official).abs()
+    assert difference.max().item() <= 2 * floor["max"]
+    assert difference.mean().item() <= 2 * floor["mean"]
     index = corr.matches[0][:, 0] * official.shape[-1] + corr.matches[0][:, 1]
     assert agreement(index.flatten(1), case["matching"]["level0_top1_index"]) == 1.0
 
 
+@pytest.mark.slow  # the 512x512 case_run
 def test_generator_teacher_forced_matches_official(case, case_run):
     _, _, image = case_run
     assert (image - case["outputs"]["fake_image"]).abs().max().item() <= 1e-5
 
 
-def test_patchmatch_indices_agree_with_official(case, case_run):
+@pytest.mark.slow  # the 512x512 case_run
+def test_patchmatch_indices_agree_with_official(case, case_run, floor):
+    """PatchMatch is chaotic under rounding: the official code agrees with itself on 99%, 95% and 87% of the
+    candidates at levels 1, 2, 3 when its CPU kernels change. Ours may disagree at most twice as often."""
     _, corr, _ = case_run
     m = case["matching"]
+
+    def bound(level: int, columns: str) -> float:
+        return 1 - 2 * (1 - floor[f"level{level}_inds_{columns}_agree"])
+
     level1, level2, level3 = corr.candidates
-    assert agreement(level1, m["level1_inds"]) >= 0.97
-    assert agreement(level1[..., 0], m["level1_col0"]) >= 0.97
+    assert agreement(level1, m["level1_inds"]) >= bound(1, "allcols")
+    assert agreement(level1[..., 0], m["level1_col0"]) >= bound(1, "col0")
     # Levels 2 and 3 are stored in full for column 0 and on a sub-grid for all 16 columns.
-    for level, grid_key, col0_key, step, floor in ((level2, "level2_inds_grid8", "level2_col0", 8, 0.90),
-                                                   (level3, "level3_inds_grid8", "level3_col0", 8, 0.80)):
+    for i, level in ((2, level2), (3, level3)):
         side = int(level.shape[1] ** 0.5)
-        sub = level.view(level.shape[0], side, side, -1)[:, ::step, ::step].reshape(level.shape[0], -1, level.shape[-1])
-        assert agreement(sub, m[grid_key]) >= floor
-        assert agreement(level[..., 0], m[col0_key]) >= floor
+        sub = level.view(level.shape[0], side, side, -1)[:, ::8, ::8].reshape(level.shape[0], -1, level.shape[-1])
+        assert agreement(sub, m[f"level{i}_inds_grid8"]) >= bound(i, "allcols")
+        assert agreement(level[..., 0], m[f"level{i}_col0"]) >= bound(i, "col0")
 
 
-def test_fine_warps_close_to_official(case, case_run):
-    """Floors below the official code's own noise (fixture README, another conv kernel: 98.4%, 90.8%
-    and 80.7% of the pixels within 1e-3 at levels 1-3; 98.9%, 90.1%, 79.8% on the 2-core EPYC VM)."""
+@pytest.mark.slow  # the 512x512 case_run
+def test_fine_warps_close_to_official(case, case_run, floor):
+    """Through the flipped candidates the fine warps move too: the official code moves 1.6%, 9.2% and 19.3% of
+    its pixels at levels 1, 2, 3 by more than 1e-3 when its CPU kernels change. Ours may move at most twice as many."""
     _, corr, _ = case_run
-    for ours, official, floor in zip(corr.warped[1:], case["outputs"]["warp_out"][1:], (0.95, 0.85, 0.75)):
-        close = (ours - official).abs().amax(1) <= 1e-3
-        assert close.float().mean().item() >= floor
+    for i, (ours, official) in enumerate(zip(corr.warped[1:], case["outputs"]["warp_out"][1:]), start=1):
+        moved = (ours - official).abs().amax(1) > 1e-3
+        assert moved.float().mean().item() <= 2 * floor[f"warp_{i}"]["frac_pix_gt_1e-3"]
 
 
 def test_unit_patchmatch_bit_level(official_v2_dir, weights, case):
@@ -162,6 +186,7 @@ def test_conversion_rejects_mismatched_checkpoints(weights, case):
         from_official({**weights["netCorr"], "extra": "text"}, weights["netG"], case["opt"])
 
 
+@pytest.mark.slow  # the 512x512 case_run
 def test_converted_model_has_official_config(case, case_run):
     net, _, _ = case_run
     assert net.cfg.official_compat and not net.training

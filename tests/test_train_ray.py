@@ -15,10 +15,10 @@ import pytest
 import ray
 import torch
 
-from pipeline.data.loader import make_loader
 from pipeline.inference import Translator
+from pipeline.model_files import load_model
 from pipeline.serving import INPUTS, decode_image, encode_file
-from pipeline.tracking import load_model, manifest_sha256
+from pipeline.tracking import manifest_sha256
 from pipeline.train.checkpoint import load_state
 from pipeline.train.launch import TrainingError, local_ray_options, run_training
 from tests.conftest import TRAIN_DATA
@@ -151,7 +151,7 @@ def test_one_worker_run_is_fully_tracked_in_a_real_mlflow_server(reference, mlfl
 
 def test_a_failed_worker_restarts_from_the_last_checkpoint(reference, train_shards, tmp_path):
     # Rank 0 raises at step 5; FailureConfig(max_failures=1) restarts the group from the checkpoint of step 3.
-    result = run_training(params(tmp_path, sqlite_uri(tmp_path), drill_fail_at_step=5, max_failures=1),
+    result = run_training(params(tmp_path, sqlite_uri(tmp_path), audit={"fail_at_step": 5}, max_failures=1),
                           shards=train_shards, models_dir=None, base=tmp_path)
     assert result.metrics["step"] == STEPS
     # Steps 2 and 4 were logged by the first attempt; the second resumed after step 3 (so it logged 4 again).
@@ -161,7 +161,8 @@ def test_a_failed_worker_restarts_from_the_last_checkpoint(reference, train_shar
 
 def test_an_interrupted_run_resumed_from_its_checkpoint_matches_the_uninterrupted_run(reference, train_shards,
                                                                                       tmp_path):
-    interrupted = params(tmp_path, sqlite_uri(tmp_path), run_name="interrupted", drill_fail_at_step=7, max_failures=0)
+    interrupted = params(tmp_path, sqlite_uri(tmp_path), run_name="interrupted", audit={"fail_at_step": 7},
+                         max_failures=0)
     with pytest.raises(TrainingError, match=r"(?s)fault drill.*last good checkpoint: .*checkpoint_00000006"):
         run_training(interrupted, shards=train_shards, models_dir=None, base=tmp_path)
 
@@ -172,9 +173,10 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_matches_the_uninterrupte
     assert_same_training_state(final_state(result), final_state(reference))
 
 
-def test_a_v1_model_trains_through_the_same_job(local_ray, train_shards, tmp_path):
+def test_a_v1_model_trains_through_the_same_job(local_ray, train_shards, pairs, tmp_path):
     """model.version: 1 runs through the same Ray job, schedule, checkpoints and MLflow logging as v2."""
     import mlflow
+    import pandas as pd
 
     run = params(tmp_path, sqlite_uri(tmp_path), run_name="v1", steps=4, checkpoint_every=2, lr_decay_steps=2,
                  loss={"mask": 100.0})
@@ -187,13 +189,14 @@ def test_a_v1_model_trains_through_the_same_job(local_ray, train_shards, tmp_pat
     assert exported.cfg.version == 1 and exported.cfg.ngf == TINY_V1_MODEL["ngf"]
     client = mlflow.MlflowClient(result.tracking_uri)
     assert client.get_run(result.run_id).data.params["model.version"] == "1"
-    batch = next(iter(make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0)))
-    inputs = {k: batch[k].numpy() for k in ("input_map", "exemplar", "exemplar_map")}
+    # The logged v1 model answers the same REST request as v2's.
+    files = (pairs["maps"] / "s0.png", pairs["photos"] / "s0.jpg", pairs["photo_maps"] / "s0.png")
+    request = pd.DataFrame([dict(zip(INPUTS, map(encode_file, files)))])
     mlflow.set_tracking_uri(result.tracking_uri)
     try:
-        predicted = mlflow.pyfunc.load_model(result.model_uri).predict(inputs)
+        predicted = mlflow.pyfunc.load_model(result.model_uri).predict(request)
     finally:
         mlflow.set_tracking_uri(None)
-    with torch.no_grad():
-        expected = exported(*(batch[k] for k in ("input_map", "exemplar", "exemplar_map"))).image.numpy()
-    np.testing.assert_array_equal(predicted, expected)
+    translator = Translator(exported)
+    expected = translator.run([translator.prepare(*files)])[0]
+    np.testing.assert_array_equal(np.asarray(decode_image(predicted["image"][0])), np.asarray(expected.image))

@@ -13,17 +13,17 @@ import torch
 from model import ModelConfig
 from model.vgg import VGG19, load_vgg19
 from pipeline.data.config import DataConfig, ShardConfig
-from pipeline.data.loader import make_loader
+from pipeline.data.loader import make_loader, to_model
 from pipeline.params import load_params
 from pipeline.train.checkpoint import (DataPosition, find_checkpoint, load_state, read_meta, restore_rank_state,
                                        restore_training_state, save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig, configs_from_params
-from pipeline.train.export import export_model, read_model_files
-from pipeline.train.grid import grid_columns, sample_grid
 from pipeline.train.launch import describe_failure
-from pipeline.train.loop import batch_stream, next_batch
-from pipeline.train.step import NonFiniteLossError, build_parts, set_lr_factor, to_device, train_step
-from pipeline.tracking import absolute_tracking_uri, flatten_params, load_model
+from pipeline.train.loop import batch_stream
+from pipeline.train.step import NonFiniteLossError, build_parts, set_lr_factor, train_step
+from pipeline.model_files import export_model, load_model, read_model_files
+from pipeline.tracking import absolute_tracking_uri, flatten_params
+from pipeline.viz import grid_columns, sample_grid
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,9 +52,8 @@ def tiny_parts(seed: int = 0, model: dict | None = None, **train):
 
 @pytest.fixture(scope="module")
 def batch(train_shards):
-    loader = make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0,
-                         real_exemplar_prob=0.5)
-    return next(iter(loader))
+    loader = make_loader(train_shards, batch_size=2, num_workers=0, real_exemplar_prob=0.5)
+    return to_model(next(iter(loader)), 12)
 
 
 def snapshot(module) -> dict[str, torch.Tensor]:
@@ -64,15 +63,18 @@ def snapshot(module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- configuration
 
 
+MANIFEST = {"image_size": [64, 64], "label_nc": 12}  # what configs_from_params reads from the shards' manifest
+
 V1_PARAMS = ["params/ade20k-v1.yaml", "params/celebahq-edge-v1.yaml", "params/deepfashion-v1.yaml"]
 
 
 @pytest.mark.parametrize("path", ["params.yaml", "params/deepfashion-512-gpu.yaml", *V1_PARAMS])
 def test_shipped_params_files_give_valid_configs(path):
     params = load_params(REPO_ROOT / path)
-    DataConfig.from_params(params["data"]), ShardConfig.from_params(params["shard"])
-    train, model, mlflow_cfg = configs_from_params(params)
-    assert model.image_size == (params["data"]["image_size"],) * 2 and model.label_nc == params["data"]["label_nc"]
+    data = DataConfig.from_params(params["data"])
+    ShardConfig.from_params(params["shard"])
+    train, model, mlflow_cfg = configs_from_params(params, {"image_size": data.image_size, "label_nc": data.label_nc})
+    assert model.image_size == data.image_size and model.label_nc == data.label_nc
     assert train.steps >= 1 and mlflow_cfg.experiment
     assert model.version == (1 if path in V1_PARAMS else 2)
     if path in V1_PARAMS:  # the official v1 schedule: constant, then a linear decay over the second half
@@ -81,19 +83,19 @@ def test_shipped_params_files_give_valid_configs(path):
 
 def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"train: unknown keys \['stpes'\]"):
-        configs_from_params({"train": {"stpes": 3}})
+        configs_from_params({"train": {"stpes": 3}}, MANIFEST)
     with pytest.raises(ValueError, match="unknown loss weights"):
-        configs_from_params({"train": {"loss": {"warp": 1.0}}})
-    with pytest.raises(ValueError, match="model.image_size .* does not match data.image_size"):
-        configs_from_params({"data": {"image_size": 64}, "model": {"image_size": 128}})
-    with pytest.raises(ValueError, match="model.label_nc 20 does not match data.label_nc 12"):
-        configs_from_params({"data": {"label_nc": 12}, "model": {"label_nc": 20}})
+        configs_from_params({"train": {"loss": {"warp": 1.0}}}, MANIFEST)
+    with pytest.raises(ValueError, match=r"model.image_size: the model takes it from the shards' manifest \(\[64, 64\]\)"):
+        configs_from_params({"model": {"image_size": 128}}, MANIFEST)
+    with pytest.raises(ValueError, match="model.label_nc: the model takes it from the shards' manifest"):
+        configs_from_params({"model": {"label_nc": 20}}, MANIFEST)
     with pytest.raises(ValueError, match="model: unknown ModelConfig fields"):
-        configs_from_params({"model": {"nfe": 8}})
+        configs_from_params({"model": {"nfe": 8}}, MANIFEST)
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="fp8")
-    train, model, _ = configs_from_params({"data": {"image_size": [64, 96], "label_nc": 3}, "model": {"nef": 8}})
-    assert model.image_size == (64, 96) and model.label_nc == 3 and model.nef == 8  # inherited from data
+    train, model, _ = configs_from_params({"model": {"nef": 8}}, {"image_size": [64, 96], "label_nc": 3})
+    assert model.image_size == (64, 96) and model.label_nc == 3 and model.nef == 8  # from the manifest
 
 
 def test_tracking_uri_and_params_helpers(tmp_path):
@@ -135,7 +137,7 @@ def test_v1_train_step_has_the_v1_terms(batch):
     parts = tiny_parts(model=TINY_V1_MODEL, loss={"mask": 100.0, "perceptual_r52": 0.01, "warp_self": 100.0})
     assert parts.g_loss.finest_warp_only and hasattr(parts.discriminator.discriminator_0, "attn")
     g_before, d_before = snapshot(parts.net), snapshot(parts.discriminator)
-    losses, out = train_step(parts, to_device(batch, parts.device), step=1)
+    losses, out = train_step(parts, batch, step=1)
     assert {"g/mask", "g/warp", "g/perc", "g/domain", "g/reg", "g/context"} <= set(losses)
     assert all(np.isfinite(v) for v in losses.values()) and losses["g/mask"] > 0
     changed_g = {k.split(".")[1] for k, v in parts.net.state_dict().items() if not torch.equal(v, g_before[k])}
@@ -148,7 +150,7 @@ def test_v1_train_step_has_the_v1_terms(batch):
 def test_train_step_updates_generator_and_discriminator(batch):
     parts = tiny_parts()
     g_before, d_before = snapshot(parts.net), snapshot(parts.discriminator)
-    losses, out = train_step(parts, to_device(batch, parts.device), step=1)
+    losses, out = train_step(parts, batch, step=1)
     expected = {"g/feat", "g/perc", "g/context", "g/gan", "g/gan_feat", "g/domain", "g/reg", "g/warp", "g/total",
                 "d/d_fake", "d/d_real", "d/total"}
     assert set(losses) == expected and all(np.isfinite(v) for v in losses.values())
@@ -165,8 +167,8 @@ def test_pseudo_only_terms_vanish_for_real_exemplars(batch):
     parts = tiny_parts()
     real = dict(batch, is_pseudo=torch.zeros(2, dtype=torch.bool))
     pseudo = dict(batch, is_pseudo=torch.ones(2, dtype=torch.bool))
-    real_losses, _ = train_step(parts, to_device(real, parts.device))
-    pseudo_losses, _ = train_step(parts, to_device(pseudo, parts.device))
+    real_losses, _ = train_step(parts, real)
+    pseudo_losses, _ = train_step(parts, pseudo)
     assert real_losses["g/feat"] == 0 and real_losses["g/warp"] == 0  # no pixel-level target without a pseudo pair
     assert pseudo_losses["g/feat"] > 0 and pseudo_losses["g/warp"] > 0
     assert real_losses["g/context"] > 0 and real_losses["g/gan_feat"] > 0  # the rest applies to both
@@ -178,7 +180,7 @@ def test_non_finite_loss_names_the_term_and_applies_no_update(batch):
     broken = dict(batch, image=batch["image"].clone())
     broken["image"][0, :, :4, :4] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"loss term 'g/\w+' is nan at step 7") as err:
-        train_step(parts, to_device(broken, parts.device), step=7)
+        train_step(parts, broken, step=7)
     assert err.value.term.startswith("g/") and err.value.step == 7
     for module, saved in zip((parts.net, parts.discriminator), before):  # (spectral-norm buffers do move)
         assert all(torch.equal(v, saved[k]) for k, v in module.named_parameters())
@@ -190,7 +192,7 @@ def test_non_finite_loss_names_the_term_and_applies_no_update(batch):
 
 def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path, batch):
     parts = tiny_parts()
-    train_step(parts, to_device(batch, parts.device))
+    train_step(parts, batch)
     torch.manual_seed(123)
     save_training_state(tmp_path, parts, step=5, meta={"world_size": 1, "mlflow_run_id": "abc"})
     save_rank_state(tmp_path, 0, DataPosition(epoch=2, batches=3))
@@ -233,12 +235,14 @@ def test_find_checkpoint_skips_incomplete_ones(tmp_path):
     assert "g/warp" in message and "checkpoint_00000006" in message
 
 
-def test_batch_stream_resumes_at_the_recorded_position(train_shards):
+def test_batch_stream_resumes_at_the_recorded_position(train_shards, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
     def keys(n, position):
-        loader = make_loader(train_shards, batch_size=2, image_size=64, label_nc=12, num_workers=0, rank=1,
-                             world_size=2)
+        loader = make_loader(train_shards, batch_size=2, num_workers=0)
         stream = batch_stream(loader, position, 2)
-        return [tuple(next_batch(stream)["key"]) for _ in range(n)]
+        return [tuple(next(stream)["key"]) for _ in range(n)]
 
     position = DataPosition()
     first = keys(7, position)  # crosses at least one epoch boundary (rank 1 holds <= 4 full batches)

@@ -14,11 +14,11 @@ from PIL import Image
 
 from model import ModelConfig
 from model.vgg import load_vgg19
-from pipeline.data.loader import make_loader
+from pipeline.data.loader import make_loader, to_model
 from pipeline.data.sources import get_source
 from pipeline.train.config import TrainConfig
-from pipeline.train.export import write_model_files
-from pipeline.train.step import build_parts, to_device, train_step
+from pipeline.model_files import write_model_files
+from pipeline.train.step import build_parts, train_step
 
 TINY = {"nef": 8, "ngf": 8, "ndf": 8, "spade_hidden": 16, "patchmatch_iters": 1, "num_d": 1, "n_layers_d": 3,
         "temperature": 0.05}
@@ -40,10 +40,9 @@ def trained_model_dir(shards: Path, folder: Path) -> Path:
         train = TrainConfig(lr=2e-4)
         parts = build_parts(tiny_config(), train.loss_weights, vgg, lr=train.lr, ttur=train.ttur,
                             g_adam_eps=train.g_adam_eps, amp="none", device=torch.device("cpu"))
-        loader = make_loader(shards, batch_size=4, image_size=SIZE, label_nc=LABEL_NC, num_workers=0,
-                             real_exemplar_prob=0.2)
+        loader = make_loader(shards, batch_size=4, num_workers=0, real_exemplar_prob=0.2)
         for step, batch in zip(range(STEPS), loader):
-            train_step(parts, to_device(batch, parts.device), step)
+            train_step(parts, to_model(batch, LABEL_NC, parts.device), step)
         write_model_files(folder, parts.net.state_dict(), tiny_config())
         _trained["model"] = folder
     return _trained["model"]

@@ -12,7 +12,7 @@ DESCRIPTION = """\
 Convert the released CoCosNet-v2 weights (--version 2, the default) or CoCosNet weights (--version 1:
 ADE20k, CelebA-HQ mask and edge, DeepFashion) into this project's model format: a folder with
 state_dict.pt, model_config.json and run.json (provenance and task), which `cocosnet translate
---model DIR`, `cocosnet info --model DIR` and pipeline.tracking.load_model read.
+--model DIR`, `cocosnet info --model DIR` and pipeline.model_files.load_model read.
 
   cocosnet convert-official --corr checkpoints/deepfashionHD/latest_net_Corr.pth \\
       --gen checkpoints/deepfashionHD/latest_net_G.pth --opt checkpoints/deepfashionHD/opt.txt \\

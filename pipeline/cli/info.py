@@ -67,7 +67,7 @@ def manifest_summary(shards: Path | None) -> dict[str, Any] | None:
 
 
 def run_info(model: str) -> dict[str, Any] | None:
-    from pipeline.train.export import read_run_info
+    from pipeline.model_files import read_run_info
 
     try:
         return read_run_info(model) or None
@@ -92,7 +92,8 @@ def print_text(report: dict[str, Any]) -> None:
         return
     print(f"data: {data['path']}")
     print(f"  {data['source']} {data['task']}, {data['image_size'][0]}x{data['image_size'][1]}, "
-          f"label_nc {data['label_nc']} ({data['input_encoding']}), {data['pseudo_per_image']} pseudo pairs per image")
+          f"label_nc {data['label_nc']} ({data['input_encoding']}), "
+          f"{data['pseudo_per_image']} pseudo exemplars per image")
     for split, info in data["splits"].items():
         print(f"  {split}: {info['images']} images, {info['samples']} samples in {info['shards']} shards")
     print(f"  skipped images: {data['skipped']}; pairing: {data['pairing']}")

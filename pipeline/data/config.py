@@ -98,7 +98,7 @@ class AugmentConfig:
 class ShardConfig:
     """How prepared images become WebDataset shards."""
 
-    pseudo_per_image: int = 2  # samples (pseudo variants) per image
+    pseudo_per_image: int = 4  # pseudo exemplars stored per image sample; the loader takes a new one each epoch
     samples_per_shard: int = 64
     min_shards_per_split: int = 4  # at least ranks x loader workers, so no reader starves
     val_fraction: float = 0.1  # for images whose dataset gives no split

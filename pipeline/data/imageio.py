@@ -179,6 +179,17 @@ def decode_npy(data: bytes, where: str = "") -> np.ndarray:
         raise DataError(f"{where}: refusing NPY member ({exc})") from None
 
 
+def decode_json(data: bytes, where: str = "") -> dict[str, Any]:
+    """A JSON object member -> dict (JSON only: nothing is unpickled)."""
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def encode_json(obj: Any) -> bytes:
     """Canonical JSON: sorted keys, no spaces, so equal content gives equal bytes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()

@@ -13,16 +13,19 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data.config import DataConfig
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.imageio import (atomic_write_bytes, atomic_write_json, encode_map, encode_npy, encode_photo_png,
                                    read_json)
 from pipeline.data.pairing import describe_example, resolve_listed
+from pipeline.data.sources import get_source
 from pipeline.data.sources.base import ItemRef, Source
+from pipeline.params import section
 
 FORMAT = "cocosnet-prepared/1"
 CODE_DIR = Path(__file__).resolve().parent
@@ -136,3 +139,9 @@ def prepare_dataset(source: Source, out_dir: str | Path, progress: bool = True) 
     }
     atomic_write_json(out_dir / "index.json", index, indent=None)
     return index
+
+
+def run_prepare(params: Mapping[str, Any], out_dir: str | Path = "data/prepared") -> dict[str, Any]:
+    """The prepare stage: the `data:` section of params.yaml -> out_dir. -> the index."""
+    cfg = DataConfig.from_params(section(params, "data"))
+    return prepare_dataset(get_source(cfg.source, **cfg.source_kwargs()), out_dir)

@@ -1,28 +1,57 @@
-"""The shard contract (DESIGN.md): sample keys, member names, manifest format; shared by writer and loader.
+"""The shard contract (DESIGN.md): sample keys, member names, the manifest; shared by the writer and the loader.
 
-    __key__              "<source>/<name>#<variant>"
-    input.png            x_A: class ids (uint8/uint16) or channels stacked vertically ((C*H, W) uint8)
-    image.jpg            x_B
-    exemplar.jpg         y_B, the real exemplar;     exemplar_input.png  its map y_A
-    pseudo.jpg           the pseudo exemplar;        pseudo_input.png    its map
-    pseudo_flow.npy      (2, H, W) float16: (y, x) in pseudo.jpg of each x_B pixel, NaN where invalid
-    meta.json            source, task, size, label_nc, pairing, augmentation (+ synthetic palettes)
+One WebDataset sample per image, with `pseudo_per_image` pseudo exemplars (k = 0 .. pseudo_per_image - 1):
+
+    __key__               "<source>/<name>"
+    input.png             x_A: class ids (uint8/uint16) or channels stacked vertically ((C*H, W) uint8)
+    image.jpg             x_B
+    exemplar.jpg          y_B, the real exemplar;        exemplar_input.png    its map y_A
+    pseudo.<k>.jpg        pseudo exemplar k;             pseudo_input.<k>.png  its map
+    pseudo_flow.<k>.npy   (2, H, W) float16: (y, x) in pseudo.<k>.jpg of each x_B pixel, NaN where invalid
+    meta.json             source, task, size, label_nc, pairing, augmentation (one entry per pseudo exemplar),
+                          synthetic palettes
+
+manifest.json beside the shards lists them (name, samples, sha256, bytes) per split, with the image size, class
+count and map encoding: the one record of them downstream.
 """
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
-SHARD_FORMAT = "cocosnet-wds/1"
-MEMBERS = ("input.png", "image.jpg", "exemplar.jpg", "exemplar_input.png", "pseudo.jpg", "pseudo_input.png",
-           "pseudo_flow.npy", "meta.json")
+from pipeline.data.errors import DataError
+from pipeline.data.imageio import read_json
+
+SHARD_FORMAT = "cocosnet-wds/2"
+COMMON_MEMBERS = ("input.png", "image.jpg", "exemplar.jpg", "exemplar_input.png", "meta.json")
 
 
-def sample_key(source: str, name: str, variant: int) -> str:
-    return f"{source}/{name}#{variant}"
+def pseudo_members(k: int) -> tuple[str, str, str]:
+    """Pseudo exemplar k's members: (photo, map, flow)."""
+    return f"pseudo.{k}.jpg", f"pseudo_input.{k}.png", f"pseudo_flow.{k}.npy"
+
+
+def member_names(pseudo_per_image: int) -> tuple[str, ...]:
+    """All members of a sample."""
+    return COMMON_MEMBERS + tuple(m for k in range(pseudo_per_image) for m in pseudo_members(k))
+
+
+def sample_key(source: str, name: str) -> str:
+    return f"{source}/{name}"
 
 
 def stable_hash(*parts: Any) -> int:
     """A 63-bit integer from the parts' text: the same on every machine and run (unlike hash())."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def read_manifest(shard_dir_or_manifest: str | Path) -> tuple[dict[str, Any], Path]:
+    """-> (manifest, folder of the shards). Accepts the shard folder or its manifest.json."""
+    path = Path(shard_dir_or_manifest)
+    manifest_path = path / "manifest.json" if path.is_dir() else path
+    manifest = read_json(manifest_path)
+    if manifest.get("format") != SHARD_FORMAT:
+        raise DataError(f"{manifest_path}: not a shard manifest of format {SHARD_FORMAT} (re-run the shard stage)")
+    return manifest, manifest_path.parent

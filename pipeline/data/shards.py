@@ -1,9 +1,8 @@
-"""Shard stage: prepared items -> WebDataset tars of (x_A, x_B, real exemplar, pseudo exemplar, flow).
+"""Shard stage: prepared items -> WebDataset tars of (x_A, x_B, real exemplar, pseudo exemplars with their flow).
 
-One sample per (image, pseudo variant), keys "<source>/<name>#<variant>", members as in DESIGN.md:
-
-    input.png  image.jpg  exemplar.jpg  exemplar_input.png  pseudo.jpg  pseudo_input.png
-    pseudo_flow.npy ((2, H, W) float16, NaN where invalid)  meta.json
+One sample per image, key "<source>/<name>", members as pipeline/data/schema.py lists them: x_A, x_B, the real
+exemplar and its map, and `shard.pseudo_per_image` pseudo exemplars, each with its map and exact flow (the
+loader picks one per epoch).
 
 Every shard is written under a temporary name and renamed when complete, so an interrupted run
 resumes by skipping the shards that exist. Everything is a function of (prepared data, params,
@@ -23,20 +22,21 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.augment import make_pseudo_exemplar
-from pipeline.data.config import ShardConfig
+from pipeline.data.config import DataConfig, ShardConfig
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import (atomic_write_json, decode_npy, decode_png, encode_jpeg, encode_json, encode_map,
                                    encode_npy, read_json, read_photo_png, unstack_channels)
 from pipeline.data.pairing import choose_exemplars
 from pipeline.data.prepare import FORMAT as PREPARED_FORMAT
 from pipeline.data.prepare import code_version, fingerprint, reset_if_stale
-from pipeline.data.schema import MEMBERS, SHARD_FORMAT, sample_key, stable_hash
+from pipeline.data.schema import SHARD_FORMAT, member_names, pseudo_members, sample_key, stable_hash
+from pipeline.params import section
 
 FORMAT = SHARD_FORMAT
 SPLITS = ("train", "val")
@@ -45,7 +45,6 @@ SPLITS = ("train", "val")
 @dataclass(frozen=True)
 class PlannedSample:
     item: int  # index into the prepared items
-    variant: int  # pseudo-exemplar variant number
     exemplar: int  # index of the real exemplar
     pairing: str  # "listed" or "retrieved"
 
@@ -140,9 +139,8 @@ def plan_shards(prepared: Prepared, cfg: ShardConfig, seed: int) -> tuple[list[P
                                       prepared.descriptors, pool)
     shards = []
     for split in SPLITS:
-        samples = [PlannedSample(i, v, int(exemplars[i]), how[i])
-                   for i in range(len(splits)) if splits[i] == split for v in range(cfg.pseudo_per_image)]
-        if split == "train":  # mix images and variants across shards; the loader also shuffles
+        samples = [PlannedSample(i, int(exemplars[i]), how[i]) for i in range(len(splits)) if splits[i] == split]
+        if split == "train":  # mix images across shards; the loader also shuffles
             order = sorted(range(len(samples)), key=lambda k: stable_hash(seed, "order", k))
             samples = [samples[k] for k in order]
         for number, chunk in enumerate(split_evenly(samples, cfg.samples_per_shard, cfg.min_shards_per_split)):
@@ -160,31 +158,35 @@ def build_sample(prepared: Prepared, planned: PlannedSample, cfg: ShardConfig,
     """All members of one sample. -> (key, {suffix: bytes})."""
     index, source = prepared.index, prepared.source
     item, exemplar = prepared.items[planned.item], prepared.items[planned.exemplar]
-    key = sample_key(source["source"], item["name"], planned.variant)
-    pseudo = make_pseudo_exemplar(prepared.photo(planned.item), prepared.input_map(planned.item), cfg.augment,
-                                  seed=stable_hash(seed, "pseudo", key) % 2**31,
-                                  map_interpolation=index["map_interpolation"], map_fill=tuple(index["map_fill"]))
-    meta = {
-        "key": key, "source": source["source"], "task": source["task"], "name": item["name"],
-        "variant": planned.variant, "size": list(prepared.image_size), "label_nc": source["label_nc"],
-        "input_encoding": index["input_encoding"], "input_channels": index["input_channels"],
-        "exemplar": exemplar["name"], "pairing": planned.pairing, "augmentation": pseudo.params,
-    }
-    if "palette" in item.get("meta", {}):
-        meta["palette"] = item["meta"]["palette"]
-        meta["exemplar_palette"] = exemplar["meta"].get("palette")
-    members = {
+    key = sample_key(source["source"], item["name"])
+    sample = {
         "input.png": encode_map(prepared.input_map(planned.item)),
         "image.jpg": prepared.jpeg(planned.item, cfg.jpeg_quality),
         "exemplar.jpg": prepared.jpeg(planned.exemplar, cfg.jpeg_quality),
         "exemplar_input.png": encode_map(prepared.input_map(planned.exemplar)),
-        "pseudo.jpg": encode_jpeg(pseudo.image, cfg.jpeg_quality),
-        "pseudo_input.png": encode_map(pseudo.input_map),
-        "pseudo_flow.npy": encode_npy(pseudo.flow.astype(np.float16)),
-        "meta.json": encode_json(meta),
     }
-    assert sorted(members) == sorted(MEMBERS), "the shard schema and the writer disagree"
-    return key, members
+    augmentation = []
+    for k in range(cfg.pseudo_per_image):
+        pseudo = make_pseudo_exemplar(prepared.photo(planned.item), prepared.input_map(planned.item), cfg.augment,
+                                      seed=stable_hash(seed, "pseudo", key, k) % 2**31,
+                                      map_interpolation=index["map_interpolation"], map_fill=tuple(index["map_fill"]))
+        photo, input_map, flow = pseudo_members(k)
+        sample[photo] = encode_jpeg(pseudo.image, cfg.jpeg_quality)
+        sample[input_map] = encode_map(pseudo.input_map)
+        sample[flow] = encode_npy(pseudo.flow.astype(np.float16))
+        augmentation.append(pseudo.params)
+    meta = {
+        "key": key, "source": source["source"], "task": source["task"], "name": item["name"],
+        "size": list(prepared.image_size), "label_nc": source["label_nc"],
+        "input_encoding": index["input_encoding"], "input_channels": index["input_channels"],
+        "exemplar": exemplar["name"], "pairing": planned.pairing, "augmentation": augmentation,
+    }
+    if "palette" in item.get("meta", {}):
+        meta["palette"] = item["meta"]["palette"]
+        meta["exemplar_palette"] = exemplar["meta"].get("palette")
+    sample["meta.json"] = encode_json(meta)
+    assert sorted(sample) == sorted(member_names(cfg.pseudo_per_image)), "the shard schema and the writer disagree"
+    return key, sample
 
 
 def tar_member(name: str, size: int) -> tarfile.TarInfo:
@@ -339,3 +341,12 @@ def _counting(samples: Iterable, bar: tqdm) -> Iterable:
     for sample in samples:
         yield sample
         bar.update(1)
+
+
+def run_shard(params: Mapping[str, Any], prepared_dir: str | Path = "data/prepared",
+              out_dir: str | Path = "data/shards",
+              report_path: str | Path | None = "reports/shard_report.json") -> dict[str, Any]:
+    """The shard stage: the `shard:` section (and data.seed) of params.yaml -> out_dir. -> the manifest."""
+    data, shard = section(params, "data"), section(params, "shard")
+    return write_shards(prepared_dir, out_dir, ShardConfig.from_params(shard), seed=DataConfig.from_params(data).seed,
+                        report_path=report_path, params={"data": data, "shard": shard})

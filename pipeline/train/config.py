@@ -1,24 +1,31 @@
 """Typed training configuration, read from the `model:`, `train:` and `mlflow:` sections of params.yaml.
 
-    train_cfg, model_cfg, loss_weights = configs_from_params(load_params("params.yaml"))
+    train_cfg, model_cfg, mlflow_cfg = configs_from_params(load_params("params.yaml"), manifest)
 
-Every section refuses unknown keys (a typo must fail, not silently fall back to a default), and the
-model's image size and input channels must agree with the data the shards were written from.
+Every section refuses unknown keys (a typo must fail, not silently fall back to a default). The model's image
+size and input channels are not params: they come from the shards' manifest, the one place that records them.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from model import ModelConfig
 from model.losses import LossWeights
-from pipeline.data.config import as_size
-from pipeline.params import from_mapping
+from pipeline.params import from_mapping, section
+from pipeline.tracking import MlflowConfig
 
 Amp = Literal["none", "bf16", "fp16"]
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """`train.audit`: test instrumentation, off (null) in real runs. When set, every checkpoint also reports
+    whether the ranks' weights are bitwise equal and how many samples two ranks read in one epoch (an all-gather
+    of every key read), and rank 0 can fail on purpose once."""
+
+    fail_at_step: int | None = None  # fault drill: rank 0 raises before this step (not after a restore)
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class TrainConfig:
     max_failures: int = 1  # worker-group restarts, each from the last checkpoint
     resume_from: str | None = None  # a checkpoint folder, or a Ray run folder (its latest checkpoint)
     find_unused_parameters: bool = False  # DDP; only needed when a loss weight switches a branch off
-    drill_fail_at_step: int | None = None  # fault drill: rank 0 raises here once (not after a restore)
+    audit: AuditConfig | None = None  # test instrumentation (see AuditConfig); null in real runs
 
     # --- logging
     log_every: int = 10  # steps between loss / throughput logs (MLflow and console)
@@ -64,6 +71,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", dict(self.loss or {}))
+        if isinstance(self.audit, Mapping):
+            object.__setattr__(self, "audit", from_mapping(AuditConfig, self.audit, "train.audit"))
         LossWeights.from_dict(self.loss)  # unknown or negative weights fail here, not in a worker
         positive = ("steps", "batch_size", "workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
                     "log_every", "image_every", "grid_samples")
@@ -107,51 +116,20 @@ class TrainConfig:
         return from_mapping(cls, dict(values), "train")
 
 
-@dataclass(frozen=True)
-class MlflowConfig:
-    """Where runs are tracked. The URI comes from params, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
-
-    tracking_uri: str | None = None
-    experiment: str = "cocosnet"
-    artifact_location: str = "mlartifacts"  # for new experiments on a local (sqlite/file) store
-    system_metrics: bool = False  # CPU/memory/GPU sampled by MLflow every 10 s
-    log_model: bool = True  # log the final model as a pyfunc (config + state dict, no pickle)
-
-    @property
-    def resolved_uri(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MlflowConfig":
-        return from_mapping(cls, dict(values), "mlflow")
-
-
-def model_config_from_params(model: Mapping[str, Any], data: Mapping[str, Any]) -> ModelConfig:
-    """`model:` section -> ModelConfig. image_size and label_nc default to data's and must agree with it."""
-    model = dict(model)
-    data_size = as_size(data.get("image_size", 64))
-    data_label_nc = int(data.get("label_nc", 12))
-    if "image_size" in model and as_size(model["image_size"]) != data_size:
-        raise ValueError(f"params.yaml model.image_size {model['image_size']} does not match data.image_size "
-                         f"{data.get('image_size')}: the model trains on the shards' images (remove model.image_size "
-                         f"to inherit it)")
-    if "label_nc" in model and int(model["label_nc"]) != data_label_nc:
-        raise ValueError(f"params.yaml model.label_nc {model['label_nc']} does not match data.label_nc "
-                         f"{data_label_nc}: x_A has data.label_nc channels (remove model.label_nc to inherit it)")
-    model["image_size"], model["label_nc"] = list(data_size), data_label_nc
+def model_config_from_params(model: Mapping[str, Any], manifest: Mapping[str, Any]) -> ModelConfig:
+    """`model:` section + the image size and class count of the shards (their manifest) -> ModelConfig."""
+    for name in ("image_size", "label_nc"):
+        if name in model:
+            raise ValueError(f"params.yaml model.{name}: the model takes it from the shards' manifest "
+                             f"({manifest[name]}); set data.{name} and re-run the data stages instead")
     try:
-        return ModelConfig.from_dict(model)
+        return ModelConfig.from_dict({**model, "image_size": manifest["image_size"], "label_nc": manifest["label_nc"]})
     except (TypeError, ValueError) as err:
         raise ValueError(f"params.yaml model: {err}") from err
 
 
-def configs_from_params(params: Mapping[str, Any]) -> tuple[TrainConfig, ModelConfig, MlflowConfig]:
-    """The three typed configs of a training run from a params.yaml dict."""
-    def section(name: str) -> dict:
-        value = params.get(name) or {}
-        if not isinstance(value, Mapping):
-            raise ValueError(f"params.yaml {name}: must be a mapping, got {type(value).__name__}")
-        return dict(value)
-
-    return (TrainConfig.from_dict(section("train")), model_config_from_params(section("model"), section("data")),
-            MlflowConfig.from_dict(section("mlflow")))
+def configs_from_params(params: Mapping[str, Any],
+                        manifest: Mapping[str, Any]) -> tuple[TrainConfig, ModelConfig, MlflowConfig]:
+    """The three typed configs of a training run from a params.yaml dict and the shards' manifest."""
+    return (TrainConfig.from_dict(section(params, "train")),
+            model_config_from_params(section(params, "model"), manifest), MlflowConfig.from_params(params))

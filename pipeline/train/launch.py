@@ -1,4 +1,5 @@
-"""The driver of a training run: MLflow run, Ray cluster, TorchTrainer, export of the final model.
+"""The driver of a training run in three steps: resolve (configs, paths), fit (MLflow run, Ray, TorchTrainer),
+publish (the exported model, metrics and loss curves).
 
     result = run_training(load_params("params.yaml"))     # what `python -m stages.train` does
 
@@ -24,12 +25,14 @@ from ray.train.torch import TorchTrainer
 
 import model as model_package
 import pipeline as pipeline_package
-from pipeline import tracking
+from model import ModelConfig
+from pipeline import tracking, viz
 from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
-from pipeline.data.loader import read_manifest
-from pipeline.train.checkpoint import find_checkpoint
+from pipeline.data.schema import read_manifest
+from pipeline.model_files import export_model
+from pipeline.tracking import MlflowConfig
+from pipeline.train.checkpoint import find_checkpoint, load_state
 from pipeline.train.config import TrainConfig, configs_from_params
-from pipeline.train.export import export_checkpoint
 from pipeline.train.loop import train_loop
 
 REPO_ROOT = Path(pipeline_package.__file__).resolve().parents[1]
@@ -145,86 +148,82 @@ def write_curves(uri: str, run_id: str, csv_path: Path, png_path: Path | None) -
         writer.writerows(rows[step] for step in sorted(rows))
     os.replace(tmp, csv_path)
     if png_path is not None and rows:
-        write_curves_png([rows[s] for s in sorted(rows)], png_path)
-
-
-def write_curves_png(rows: list[dict[str, float]], path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (g_ax, d_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["step"] for r in rows]
-    for key in rows[-1]:
-        if key.startswith(("g_", "d_")):
-            ax = g_ax if key.startswith("g_") else d_ax
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key, lw=2 if key.endswith("total") else 1)
-    for ax, title in ((g_ax, "generator"), (d_ax, "discriminator")):
-        ax.set(title=f"{title} losses", xlabel="step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(png_path, viz.figure_png(viz.loss_figure([rows[s] for s in sorted(rows)])))
 
 
 # ---------------------------------------------------------------- the run
 
 
-def run_training(params: Mapping[str, Any], *, shards: str | Path = "data/shards",
-                 models_dir: str | Path | None = "models", metrics_path: str | Path | None = None,
-                 curves_path: str | Path | None = None, base: str | Path = ".") -> TrainingResult:
-    """Train with the `model:`, `train:` and `mlflow:` sections of params; export the final model to models_dir.
+@dataclass(frozen=True)
+class Plan:
+    """A training run resolved from params.yaml and the shard manifest: typed configs, absolute paths, names."""
 
-    Relative paths (shards, storage, sqlite tracking URI, artifacts) are resolved against `base`.
-    """
+    params: Mapping[str, Any]  # as given (recorded in MLflow with the training sections resolved)
+    train: TrainConfig
+    model: ModelConfig
+    mlflow: MlflowConfig
+    manifest: dict[str, Any]
+    shard_dir: Path
+    base: Path
+    tracking_uri: str
+    run_name: str
+    storage: str
+    resume_from: str | None
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.storage}/{self.run_name}"
+
+
+def resolve(params: Mapping[str, Any], shards: str | Path = "data/shards", base: str | Path = ".") -> Plan:
+    """Configs and paths of a run; relative paths (shards, storage, vgg weights, sqlite tracking URI, artifacts)
+    are resolved against `base`, since Ray workers run in another folder. Nothing is created yet."""
     base = Path(base).resolve()
-    train_cfg, model_cfg, mlflow_cfg = configs_from_params(params)
-    if train_cfg.vgg_weights not in ("random", "imagenet"):  # workers run in their own folder: absolute path
-        train_cfg = dataclasses.replace(train_cfg, vgg_weights=str((base / train_cfg.vgg_weights).resolve()))
     shard_dir = (base / shards).resolve()
     manifest, _ = read_manifest(shard_dir)
-    if manifest["label_nc"] != model_cfg.label_nc:
-        raise ValueError(f"{shard_dir}: shards have label_nc {manifest['label_nc']}, the model {model_cfg.label_nc}")
-    if train_cfg.vgg_weights == "random":
-        say("WARNING: train.vgg_weights=random: VGG19 has RANDOM weights, so the perceptual, feature-matching "
-            "and contextual losses do not measure image quality. Use a vgg19_conv.pth path or 'imagenet'.")
-
-    uri = tracking.tracking_uri(mlflow_cfg, base)
-    experiment_id = tracking.ensure_experiment(uri, mlflow_cfg, base)
-    # A fresh folder per run: Ray would continue a run whose folder already exists (so a fixed
-    # train.run_name re-run continues that run from its latest checkpoint).
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    run_name = train_cfg.run_name or f"{mlflow_cfg.experiment}-{stamp}"
-    storage = storage_path(train_cfg, base)
+    train_cfg, model_cfg, mlflow_cfg = configs_from_params(params, manifest)
+    if train_cfg.vgg_weights not in ("random", "imagenet"):
+        train_cfg = dataclasses.replace(train_cfg, vgg_weights=str((base / train_cfg.vgg_weights).resolve()))
     resume_from = train_cfg.resume_from
     if resume_from and "://" not in resume_from:
         resume_from = str((base / resume_from).resolve())
-    tags = {"vgg_weights": train_cfg.vgg_weights, "shards.manifest_sha256": tracking.manifest_sha256(shard_dir),
-            "shards.path": str(shard_dir), "ray.run_dir": f"{storage}/{run_name}", "workers": str(train_cfg.workers)}
-    if resume_from:
-        tags["resumed_from"] = resume_from
-    # params.yaml as given, with the training sections resolved: defaults are recorded too.
-    resolved = {**params, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-                "mlflow": dataclasses.asdict(mlflow_cfg) | {"tracking_uri": uri}}
-    run_id = tracking.create_run(uri, experiment_id, run_name, resolved, tags)
-    say(f"MLflow run {run_id} ({run_name}) at {uri}; checkpoints in {storage}/{run_name}")
+    # A fresh folder per run: Ray would continue a run whose folder already exists (so a fixed
+    # train.run_name re-run continues that run from its latest checkpoint).
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    return Plan(params=params, train=train_cfg, model=model_cfg, mlflow=mlflow_cfg, manifest=manifest,
+                shard_dir=shard_dir, base=base, tracking_uri=tracking.tracking_uri(mlflow_cfg, base),
+                run_name=train_cfg.run_name or f"{mlflow_cfg.experiment}-{stamp}",
+                storage=storage_path(train_cfg, base), resume_from=resume_from)
 
-    config = {"train": train_cfg.to_dict(), "model": model_cfg.to_dict(), "shards": str(shard_dir),
-              "resume_from": resume_from,
-              "mlflow": {"tracking_uri": uri, "run_id": run_id, "system_metrics": mlflow_cfg.system_metrics,
-                         "log_model": mlflow_cfg.log_model}}
-    started_ray = connect_ray(train_cfg)
+
+def fit(plan: Plan) -> tuple[str, ray.train.Result, float]:
+    """Create the MLflow run and train on Ray. -> (MLflow run id, Ray's result, wall seconds); a failure ends the
+    run FAILED (KILLED on Ctrl-C) and raises TrainingError naming the cause and the last good checkpoint."""
+    cfg, uri = plan.train, plan.tracking_uri
+    if cfg.vgg_weights == "random":
+        say("WARNING: train.vgg_weights=random: VGG19 has RANDOM weights, so the perceptual, feature-matching "
+            "and contextual losses do not measure image quality. Use a vgg19_conv.pth path or 'imagenet'.")
+    tags = {"vgg_weights": cfg.vgg_weights, "shards.manifest_sha256": tracking.manifest_sha256(plan.shard_dir),
+            "shards.path": str(plan.shard_dir), "ray.run_dir": plan.run_dir, "workers": str(cfg.workers)}
+    if plan.resume_from:
+        tags["resumed_from"] = plan.resume_from
+    resolved = {**plan.params, "model": plan.model.to_dict(), "train": cfg.to_dict(),
+                "mlflow": dataclasses.asdict(plan.mlflow) | {"tracking_uri": uri}}  # defaults are recorded too
+    experiment_id = tracking.ensure_experiment(uri, plan.mlflow, plan.base)
+    run_id = tracking.create_run(uri, experiment_id, plan.run_name, resolved, tags)
+    say(f"MLflow run {run_id} ({plan.run_name}) at {uri}; checkpoints in {plan.run_dir}")
+
+    config = {"train": cfg.to_dict(), "model": plan.model.to_dict(), "shards": str(plan.shard_dir),
+              "resume_from": plan.resume_from,
+              "mlflow": {"tracking_uri": uri, "run_id": run_id, "system_metrics": plan.mlflow.system_metrics,
+                         "log_model": plan.mlflow.log_model}}
+    started_ray = connect_ray(cfg)
     trainer = TorchTrainer(
-        train_loop, train_loop_config=config, scaling_config=scaling_config(train_cfg),
+        train_loop, train_loop_config=config, scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures)))
+            name=plan.run_name, storage_path=plan.storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)))
     start = time.perf_counter()
     try:
         result = trainer.fit()
@@ -233,27 +232,45 @@ def run_training(params: Mapping[str, Any], *, shards: str | Path = "data/shards
         raise
     except Exception as err:
         tracking.end_run(uri, run_id, "FAILED")
-        raise TrainingError(describe_failure(err, f"{storage}/{run_name}")) from err
+        raise TrainingError(describe_failure(err, plan.run_dir)) from err
     finally:
         if started_ray:
             ray.shutdown()
-    wall = time.perf_counter() - start
+    return run_id, result, time.perf_counter() - start
 
+
+def publish(plan: Plan, run_id: str, result: ray.train.Result, wall: float, models_dir: str | Path | None = "models",
+            metrics_path: str | Path | None = None, curves_path: str | Path | None = None) -> TrainingResult:
+    """The finished run's outputs: the final generator exported to models_dir (with run.json), the run ended
+    FINISHED, the last report as metrics_path, the loss curves as curves_path (+ .png)."""
+    uri = plan.tracking_uri
     model_uri = (result.return_value or {}).get("model_uri")
-    with result.checkpoint.as_directory() as folder:
-        run_info = {"mlflow_run_id": run_id, "tracking_uri": uri, "model_uri": model_uri,
-                    "checkpoint": result.checkpoint.path, "ray_run_dir": f"{storage}/{run_name}",
-                    "task": manifest["task"], "source": manifest["source"]}  # inference reads the task
-        model_dir = export_checkpoint(folder, base / models_dir, model_cfg, run_info) if models_dir else None
+    model_dir = None
+    if models_dir:
+        with result.checkpoint.as_directory() as folder:
+            state = load_state(folder)
+        run_info = {"mlflow_run_id": run_id, "tracking_uri": uri, "model_uri": model_uri, "step": int(state["step"]),
+                    "checkpoint": result.checkpoint.path, "ray_run_dir": plan.run_dir,
+                    "task": plan.manifest["task"], "source": plan.manifest["source"]}  # inference reads the task
+        model_dir = export_model(plan.base / models_dir, state["net"], plan.model, run_info)
     tracking.end_run(uri, run_id, "FINISHED")
     metrics = dict(result.metrics or {})
     if metrics_path:
-        atomic_write_json(base / metrics_path,
-                          {**metrics, "wall_s": round(wall, 1), "global_batch": train_cfg.global_batch})
+        atomic_write_json(plan.base / metrics_path,
+                          {**metrics, "wall_s": round(wall, 1), "global_batch": plan.train.global_batch})
     if curves_path:
-        curves = base / curves_path
+        curves = plan.base / curves_path
         write_curves(uri, run_id, curves, curves.with_suffix(".png"))
     say(f"done in {wall:.0f}s: step {metrics.get('step')}, model {model_dir or '-'}, MLflow model {model_uri or '-'}")
-    return TrainingResult(run_id=run_id, tracking_uri=uri, run_dir=f"{storage}/{run_name}",
-                          checkpoint=result.checkpoint.path, model_dir=model_dir, model_uri=model_uri,
-                          metrics=metrics, reports=[dict(m) for _, m in result.best_checkpoints or []], wall_s=wall)
+    return TrainingResult(run_id=run_id, tracking_uri=uri, run_dir=plan.run_dir, checkpoint=result.checkpoint.path,
+                          model_dir=model_dir, model_uri=model_uri, metrics=metrics,
+                          reports=[dict(m) for _, m in result.best_checkpoints or []], wall_s=wall)
+
+
+def run_training(params: Mapping[str, Any], *, shards: str | Path = "data/shards",
+                 models_dir: str | Path | None = "models", metrics_path: str | Path | None = None,
+                 curves_path: str | Path | None = None, base: str | Path = ".") -> TrainingResult:
+    """The train stage: resolve the run, fit it on Ray, publish its outputs (see each)."""
+    plan = resolve(params, shards, base)
+    run_id, result, wall = fit(plan)
+    return publish(plan, run_id, result, wall, models_dir, metrics_path, curves_path)

@@ -26,20 +26,20 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from model import ModelConfig
 from model.vgg import VGG19, load_vgg19
 from pipeline import tracking
 from pipeline.data.errors import DataError
-from pipeline.data.loader import ShardLoader, make_loader
+from pipeline.data.loader import ShardLoader, make_loader, to_model
 from pipeline.data.schema import stable_hash
+from pipeline.train.audit import Audit
 from pipeline.train.checkpoint import (DataPosition, find_checkpoint, restore_rank_state, restore_training_state,
                                        save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig
-from pipeline.train.grid import sample_grid
-from pipeline.train.step import (NonFiniteLossError, TrainParts, build_parts, set_lr_factor, to_device, train_step,
+from pipeline.train.step import (NonFiniteLossError, TrainParts, build_parts, set_lr_factor, train_step,
                                  unwrap)
+from pipeline.viz import sample_grid
 
 
 def say(message: str) -> None:
@@ -92,13 +92,6 @@ def batch_stream(loader: ShardLoader, position: DataPosition, batch_size: int) -
         position.epoch, position.batches = position.epoch + 1, 0
 
 
-def next_batch(stream: Iterator[dict]) -> dict:
-    # A DataLoader draws a seed from the global torch RNG whenever an epoch starts. Isolating it keeps the
-    # training RNG stream independent of where epochs begin, so a resumed run replays the same stream.
-    with torch.random.fork_rng(devices=[]):
-        return next(stream)
-
-
 # ---------------------------------------------------------------- metrics
 
 
@@ -121,40 +114,6 @@ class Window:
         metrics["samples_per_s"] = self.steps * samples_per_step / elapsed
         self.sums, self.steps, self.start = defaultdict(float), 0, time.perf_counter()
         return metrics
-
-
-# ---------------------------------------------------------------- agreement across ranks
-
-
-def parameter_fingerprint(parts: TrainParts) -> torch.Tensor:
-    """(2 * tensors,) float64 sums and absolute sums of every parameter and buffer of G and D."""
-    values = []
-    for module in (unwrap(parts.net), unwrap(parts.discriminator)):
-        for tensor in [*module.parameters(), *module.buffers()]:
-            t = tensor.detach().double()
-            values += [t.sum(), t.abs().sum()]
-    return torch.stack(values)
-
-
-def rank_agreement(parts: TrainParts, keys_seen: set[tuple[int, str]], world_size: int) -> dict[str, float]:
-    """Collective (all ranks call it): are the ranks' weights bitwise equal, on how many nodes do they
-    run, and how many samples did two ranks read in the same epoch (must be 0)."""
-    node_id = ray.get_runtime_context().get_node_id()
-    if world_size == 1 or not dist.is_initialized():
-        return {"ranks_in_sync": 1.0, "nodes": 1.0, "data_overlap": 0.0, "data_samples": float(len(keys_seen))}
-    mine = parameter_fingerprint(parts)
-    everyone = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(everyone, mine)
-    seen: list[Any] = [None] * world_size
-    dist.all_gather_object(seen, (node_id, sorted(keys_seen)))
-    readers: dict[tuple[int, str], int] = defaultdict(int)
-    for _, keys in seen:
-        for key in keys:
-            readers[tuple(key)] += 1
-    return {"ranks_in_sync": float(all(torch.equal(f, everyone[0]) for f in everyone)),
-            "nodes": float(len({node for node, _ in seen})),
-            "data_overlap": float(sum(1 for n in readers.values() if n > 1)),
-            "data_samples": float(sum(len(keys) for _, keys in seen))}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -209,10 +168,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         say(f"train.amp={cfg.amp} needs CUDA; training on {device.type} in full precision")
 
     loader = make_loader(config["shards"], batch_size=cfg.batch_size, split="train",
-                         image_size=model_cfg.image_size, label_nc=model_cfg.label_nc,
-                         real_exemplar_prob=cfg.real_exemplar_prob, num_workers=cfg.loader_workers,
-                         seed=cfg.seed, rank=rank, world_size=world_size,
-                         device=None if device.type == "cpu" else device)  # expand compact batches on the GPU
+                         real_exemplar_prob=cfg.real_exemplar_prob, num_workers=cfg.loader_workers, seed=cfg.seed,
+                         pin_memory=device.type == "cuda")
+    if (loader.rank, loader.world_size) != (rank, world_size):  # it splits shards by RANK/WORLD_SIZE
+        raise RuntimeError(f"rank {rank} of {world_size}: the environment says {loader.rank} of {loader.world_size}")
     start_step, position, source = restore(parts, config, rank)
     if source and position is None:
         position = DataPosition(epoch=start_step // max(1, len(loader)))  # checkpoint had fewer ranks
@@ -220,6 +179,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if source and rank == 0:
         say(f"resumed after step {start_step} from {source}")
     stream = batch_stream(loader, position, cfg.batch_size)
+    audit = Audit(cfg.audit, rank, world_size, resumed=bool(source))
 
     mlflow_cfg = config.get("mlflow") or {}
     run = None
@@ -231,14 +191,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         say(f"{world_size} worker(s) on {device}, {cfg.batch_size} samples each; steps {start_step + 1}..{cfg.steps}")
 
     samples_per_step = cfg.batch_size * world_size
-    log_window, report_window, keys_seen = Window(), Window(), set()
+    log_window, report_window = Window(), Window()
     reported, last_checkpoint = False, start_step
     for step in range(start_step + 1, cfg.steps + 1):
-        if step == cfg.drill_fail_at_step and rank == 0 and not source:
-            raise RuntimeError(f"fault drill: train.drill_fail_at_step={step} (a restart resumes from step "
-                               f"{last_checkpoint})")
-        batch = to_device(raw := next_batch(stream), device)
-        keys_seen.update((position.epoch, key) for key in raw["key"])
+        audit.before_step(step, last_checkpoint)
+        batch = to_model(next(stream), model_cfg.label_nc, device)
+        audit.read(position.epoch, batch["key"])
         set_lr_factor(parts, cfg.lr_factor(step))
         try:
             losses, out = train_step(parts, batch, step)
@@ -259,11 +217,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             tracking.log_grid(sample_grid(batch, out.image, out.warped, cfg.grid_samples), step)
 
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            metrics = report_window.take(samples_per_step) | rank_agreement(parts, keys_seen, world_size)
+            metrics = report_window.take(samples_per_step) | audit.at_checkpoint(parts)
             report(parts, step, position, rank, metrics | {"step": step, "world_size": world_size}, meta,
                    name=f"checkpoint_{step:08d}")
             report_window.start = time.perf_counter()  # its samples/s excludes checkpointing
-            keys_seen = set()
             reported, last_checkpoint = True, step
 
     if not reported:  # nothing left to train (resumed a finished run): still hand Ray a final checkpoint

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -18,9 +18,6 @@ from model import CoCosNet, CoCosNetOutput, ModelConfig
 from model.discriminator import MultiscaleDiscriminator
 from model.losses import CoCosNetLoss, LossWeights
 from model.vgg import VGG19
-
-TENSOR_KEYS = ("input_map", "image", "exemplar", "exemplar_map", "is_pseudo")
-
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or Inf; no update was applied for this step."""
@@ -104,11 +101,6 @@ def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr:
                       device=device, amp_dtype=amp_dtype)
 
 
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """The model's tensors of a loader batch on `device` (keys, meta and flow stay behind)."""
-    return {k: batch[k].to(device, non_blocking=True) for k in TENSOR_KEYS}
-
-
 def _autocast(parts: TrainParts):
     if parts.amp_dtype is None:
         return contextlib.nullcontext()
@@ -136,7 +128,7 @@ def _update(total: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch
 
 def train_step(parts: TrainParts, batch: Mapping[str, torch.Tensor],
                step: int | None = None) -> tuple[dict[str, float], CoCosNetOutput]:
-    """G step then D step on one batch (tensors already on parts.device).
+    """G step then D step on one batch of model tensors on parts.device (pipeline.data.loader.to_model).
 
     Pseudo pairs (batch["is_pseudo"]) carry the pixel-level terms (VGG feature matching, warp-to-target)
     and real-exemplar pairs do not: the loss weights each sample by is_pseudo, as in the paper.

@@ -18,7 +18,7 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 class ItemRef:
     """One image of a dataset before it is read.
 
-    name:       unique, key-safe id (becomes "<source>/<name>#<variant>" in shards)
+    name:       unique, key-safe id (becomes the sample key "<source>/<name>" in shards)
     path:       the photo file (named in every error about this item)
     aliases:    other spellings used by pairing lists (file name, relative path, ...)
     split_hint: "train"/"val" when the dataset defines the split, else None

@@ -1,10 +1,15 @@
-"""The exported model: a folder with the generator's state dict and its ModelConfig, no pickled code.
+"""The model folder: a generator's state dict and its ModelConfig, no pickled code; and `load_model` for any model ref.
 
     models/state_dict.pt      CoCosNet state dict (torch.save of tensors; load with weights_only=True)
     models/model_config.json  ModelConfig.to_dict()
     models/run.json           where it came from: MLflow run and model URI, checkpoint, step, data task
 
-The same two files are the artifacts of the MLflow pyfunc model (pipeline/train/pyfunc_model.py).
+The same two files are the artifacts of the logged MLflow model (pipeline/pyfunc_model.py), so one reader serves
+an exported folder, a converted official model and a model in MLflow:
+
+    load_model("models")                       # a model folder (DVC out, or written by convert-official)
+    load_model("models:/cocosnet@champion")    # a registered model
+    load_model("runs:/<run id>/model")         # a run's logged model
 """
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ from typing import Any, Mapping
 import torch
 
 from model import CoCosNet, ModelConfig
-from pipeline.train.checkpoint import load_state
 
 STATE_DICT_FILE, MODEL_CONFIG_FILE, RUN_FILE = "state_dict.pt", "model_config.json", "run.json"
 
@@ -64,15 +68,8 @@ def export_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], cf
     return out_dir
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: ModelConfig,
-                      run_info: Mapping[str, Any]) -> Path:
-    """The generator of a training checkpoint -> an exported model folder."""
-    state = load_state(checkpoint_dir)
-    return export_model(out_dir, state["net"], cfg, {**run_info, "step": int(state["step"])})
-
-
 def read_model_files(folder: str | Path, device: torch.device | str = "cpu") -> CoCosNet:
-    """An exported model folder (or the artifacts of a logged pyfunc model) -> CoCosNet in eval mode."""
+    """A model folder (or the artifacts of a logged MLflow model) -> CoCosNet in eval mode."""
     folder = Path(folder)
     for name in (STATE_DICT_FILE, MODEL_CONFIG_FILE):
         if not (folder / name).is_file():
@@ -81,3 +78,19 @@ def read_model_files(folder: str | Path, device: torch.device | str = "cpu") -> 
     net = CoCosNet(cfg)
     net.load_state_dict(torch.load(folder / STATE_DICT_FILE, map_location="cpu", weights_only=True))
     return net.to(device).eval()
+
+
+def load_model(ref: str | Path, device: torch.device | str = "cpu", tracking_uri: str | None = None) -> CoCosNet:
+    """CoCosNet in eval mode from a model folder or an MLflow model URI (models:/name@alias, models:/name/version,
+    runs:/<id>/model, models:/m-<id>). tracking_uri: the MLflow store a URI refers to (default: MLflow's own,
+    i.e. $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder)."""
+    if Path(ref).is_dir():
+        return read_model_files(ref, device)
+    if ":/" not in str(ref):
+        raise FileNotFoundError(f"{ref}: neither a model folder nor an MLflow model URI "
+                                "(models:/<name>@<alias>, runs:/<run id>/model)")
+    import mlflow  # a slow import: only for URIs
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(ref), tracking_uri=tracking_uri,
+                                                         registry_uri=tracking_uri))
+    return read_model_files(local / "artifacts", device)
