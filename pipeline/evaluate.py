@@ -17,6 +17,9 @@ exact ground-truth flow) and with its real exemplar (another image, the task the
     dist/...    real exemplars vs the validation photos: swd (sliced Wasserstein of Laplacian-pyramid patches,
                 x1e3, no weights needed) and fid (Fréchet distance of evaluate.fid_features: "vgg19" with VGG
                 weights, or an Inception TorchScript file)
+    collapse/   pseudo pairs: L1 of the output to its exemplar as given (not warped) and to the target x_B. A
+                model that copies its exemplar instead of warping it is nearer the exemplar than the target:
+                collapse/suspected is 1 then (the model's run gets the tag collapse=suspected, the stage says so)
     untrained/  the same metrics for the same architecture with fresh (seeded) weights: training must beat it
     identity/   corr metrics of matching every pixel to itself (the no-motion baseline)
 
@@ -188,6 +191,8 @@ def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
     scores.add("recon/psnr", M.psnr(pseudo.image, batch["image"]))
     scores.add("recon/ssim", M.ssim(pseudo.image, batch["image"]))
     scores.add("recon/l1", M.l1(pseudo.image, batch["image"]))
+    scores.add("collapse/to_exemplar", M.l1(pseudo.image, batch["pseudo"]))
+    scores.add("collapse/to_target", M.l1(pseudo.image, batch["image"]))
 
     real = net(batch["input_map"], batch["exemplar"], batch["exemplar_map"])
     if ideal is not None:
@@ -286,6 +291,9 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
         if dist:
             summary["dist"] = dist
         results[name] = summary
+    for summary in results.values():
+        collapse = summary["collapse"]
+        collapse["suspected"] = float(collapse["to_exemplar"] < collapse["to_target"])
     metrics = {**results.pop("trained"), **results,
                "identity": identity.summary()["corr"], "samples": seen}
     curves = {name: (s.curve / max(s.flow["full"]["count"], 1.0)).tolist()
@@ -333,10 +341,15 @@ def run_evaluation(params: Mapping[str, Any], *, model_ref: str = "models", shar
     if run_id:
         tracking.publish_evaluation(uri, run_id, result.metrics, skipped=result.skipped, grid=result.grid,
                                     curves={"threshold_px": list(CURVE_THRESHOLDS), **result.curves},
-                                    pck_figure=figure, tags={"eval.model_ref": str(model_ref)})
+                                    pck_figure=figure, tags={"eval.model_ref": str(model_ref),
+                                                             "collapse": collapse_state(result.metrics)})
     atomic_write_bytes(reports / "eval_pck.png", viz.figure_png(figure))
     say_summary(result, run_id)
     return result
+
+
+def collapse_state(metrics: Mapping[str, Any]) -> str:
+    return "suspected" if metrics["collapse"]["suspected"] else "no"
 
 
 def say_summary(result: Evaluation, run_id: str | None) -> None:
@@ -353,5 +366,8 @@ def say_summary(result: Evaluation, run_id: str | None) -> None:
     print(line("EPE px (lower is better)", "corr/epe", ".2f"))
     print(line("colour error (lower better)", "style/colour_error", ".1f"))
     print(line("PSNR pseudo pairs dB", "recon/psnr", ".2f"))
+    print(f"  collapse watch: L1 to the exemplar {flat['collapse/to_exemplar']:.3f}, to the target "
+          f"{flat['collapse/to_target']:.3f}" + ("  COLLAPSE SUSPECTED: the outputs copy their exemplars"
+                                                 if collapse_state(result.metrics) == "suspected" else ""))
     for name, reason in result.skipped.items():
         print(f"  skipped {name}: {reason}")
