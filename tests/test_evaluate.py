@@ -46,6 +46,8 @@ def test_metrics_of_a_known_model_equal_their_definitions(train_shards, one_torc
     assert result.samples == m["samples"] == 6
     assert m["corr"]["pck_3"] == pytest.approx(m["identity"]["pck_3"])
     assert m["corr"]["epe"] == pytest.approx(m["identity"]["epe"])
+    assert m["corr_identifiable"]["pck_3"] == pytest.approx(m["identity_identifiable"]["pck_3"])
+    assert 0 < m["corr_identifiable"]["fraction"] < 1
     assert 0 < m["identity"]["pck_1"] <= m["identity"]["pck_3"] <= m["identity"]["pck_5"] < 1
     assert result.curves["trained"] == pytest.approx(result.curves["identity"])
     assert m["style"]["colour_error"] > 10  # another image's colours, not the exemplar's palette on A's layout
@@ -65,7 +67,8 @@ def test_evaluate_model_reports_every_metric_per_level_and_untrained(train_shard
         for key in ("corr/epe", "corr/pck_1", "corr/pck_3", "corr/pck_5", "recon/psnr", "recon/ssim", "recon/l1",
                     "style/colour_error", "style/psnr_ideal", "style/vgg_colour", "style/vgg_texture",
                     "style/semantic", "dist/swd", "dist/swd_2", "dist/fid", "collapse/to_exemplar", "collapse/to_target",
-                    "collapse/suspected"):
+                    "collapse/suspected", "corr_identifiable/pck_3", "corr_identifiable/epe",
+                    "corr_identifiable/fraction"):
             assert prefix + key in flat, prefix + key
     for level in range(4):  # H/8 attention, then PatchMatch at H/4, H/2, H
         assert 0 <= flat[f"corr/levels/l{level}/pck_3"] <= 1
