@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.data.errors import DataError
 from pipeline.data.maps import label_boundaries
-from pipeline.data.pairing import choose_exemplars, describe_example, nearest_others
+from pipeline.data.pairing import choose_exemplars, describe_example, nearest_others, pairing_list, rank_others
 from pipeline.data.pose import POSE_CHANNELS
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import SOURCES, get_source
@@ -187,12 +187,17 @@ def test_retrieval_picks_the_nearest_other_image_deterministically():
     assert picks.tolist() == [1, 0, 3, 2, 3]  # identical descriptors: the other one, never itself
     pool_only = nearest_others(descriptors, np.arange(5), np.array([2, 4]))
     assert pool_only.tolist() == [2, 2, 4, 2, 2]
+    ranked = rank_others(descriptors, np.arange(5), np.arange(5), k=3)
+    assert ranked.tolist() == [[1, 2, 3], [0, 2, 3], [3, 4, 0], [2, 4, 0], [3, 2, 0]]  # nearest first, ties: earlier
+    assert rank_others(descriptors, np.arange(2), np.array([2, 4]), k=5).shape == (2, 1)  # at most the pool minus one
+    assert pairing_list(["a", "b", "c", "d", "e"], np.array([0, 4]), ranked[[0, 4]]) == "a,b,c,d\ne,d,c,a\n"
 
 
 def test_listed_pairs_win_over_retrieval_and_never_pair_an_image_with_itself():
     names = ["a", "b", "c"]
     descriptors = np.array([[0.0], [0.1], [5.0]], np.float32)
-    exemplars, how = choose_exemplars(names, {"a": ["a", "c"], "b": ["missing"]}, descriptors, np.arange(3))
+    retrieved = nearest_others(descriptors, np.arange(3), np.arange(3))
+    exemplars, how = choose_exemplars(names, {"a": ["a", "c"], "b": ["missing"]}, retrieved)
     assert exemplars.tolist() == [2, 0, 1] and how == ["listed", "retrieved", "retrieved"]
 
 
