@@ -9,6 +9,9 @@ exact ground-truth flow) and with its real exemplar (another image, the task the
     corr/...    pseudo pairs: end-point error (px) and PCK at 1, 3, 5 px of the matched exemplar position,
                 at full resolution (the finest level) and per level ("levels/l<i>/...": each level's matches
                 upsampled to full resolution, so errors are in full-resolution pixels at every level)
+    corr_identifiable/...  the same at the finest level over the pixels whose match is identifiable (the
+                exemplar varies in every direction there: metrics.identifiable), and their share "fraction".
+                In flat regions or along straight edges any position along the region or edge looks the same
     recon/...   pseudo pairs: PSNR (dB), SSIM and L1 of the output against x_B (on the [0, 1] scale)
     style/...   real exemplars. Synthetic source: colour_error = distance (0-255 RGB) between the mean colours
                 of the output and of the ideal render(label_A, palette_B), per class present in both input and
@@ -17,6 +20,9 @@ exact ground-truth flow) and with its real exemplar (another image, the task the
     dist/...    real exemplars vs the validation photos: swd (sliced Wasserstein of Laplacian-pyramid patches,
                 x1e3, no weights needed) and fid (Fréchet distance of evaluate.fid_features: "vgg19" with VGG
                 weights, or an Inception TorchScript file)
+    collapse/   pseudo pairs: L1 of the output to its exemplar as given (not warped) and to the target x_B. A
+                model that copies its exemplar instead of warping it is nearer the exemplar than the target:
+                collapse/suspected is 1 then (the model's run gets the tag collapse=suspected, the stage says so)
     untrained/  the same metrics for the same architecture with fresh (seeded) weights: training must beat it
     identity/   corr metrics of matching every pixel to itself (the no-motion baseline)
 
@@ -61,6 +67,7 @@ class EvalConfig:
     swd: bool = True
     compare_untrained: bool = True
     grid_rows: int = 6
+    identifiable_gradient: float = 0.02  # corr_identifiable: grey-level change per pixel in every direction (0-1)
     seed: int = 0  # initialisation of the untrained model, SWD projections
     device: str = "cpu"
     loader_workers: int = 0
@@ -151,6 +158,10 @@ class Scores:
         if level == "full":
             self.curve += np.array([float((errors <= t).sum()) for t in CURVE_THRESHOLDS])
 
+    def add_identifiable(self, errors: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        """(B, 1, H, W) finest-level errors: those of the identifiable pixels."""
+        self.add_flow("identifiable", errors[batch["flow_identifiable"]])
+
     def add(self, name: str, values: torch.Tensor | Iterable[float]) -> None:
         values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
         self.values.setdefault(name, []).extend(float(v) for v in values)
@@ -162,6 +173,8 @@ class Scores:
             scores = {key: value / n for key, value in sums.items() if key != "count"}
             if level == "full":
                 out["corr"] = {**scores, **out.get("corr", {})}
+            elif level == "identifiable":
+                out["corr_identifiable"] = {**scores, "fraction": sums["count"] / max(self.flow["full"]["count"], 1.0)}
             else:
                 out.setdefault("corr", {}).setdefault("levels", {})[level] = scores
         for name, values in self.values.items():
@@ -185,9 +198,12 @@ def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
         errors = flow_errors(M.upsample_matches(matches, size), batch)
         scores.add_flow(f"l{i}", errors)
     scores.add_flow("full", errors)  # the finest level
+    scores.add_identifiable(M.endpoint_errors(M.upsample_matches(pseudo.matches[-1], size), batch["flow"]), batch)
     scores.add("recon/psnr", M.psnr(pseudo.image, batch["image"]))
     scores.add("recon/ssim", M.ssim(pseudo.image, batch["image"]))
     scores.add("recon/l1", M.l1(pseudo.image, batch["image"]))
+    scores.add("collapse/to_exemplar", M.l1(pseudo.image, batch["pseudo"]))
+    scores.add("collapse/to_target", M.l1(pseudo.image, batch["image"]))
 
     real = net(batch["input_map"], batch["exemplar"], batch["exemplar_map"])
     if ideal is not None:
@@ -253,6 +269,8 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
             if seen >= total:
                 break
             batch = to_model(trim(batch, total - seen), label_nc, device)
+            batch["flow_identifiable"] = M.identifiable(batch["pseudo"], batch["flow"], batch["flow_valid"],
+                                                        cfg.identifiable_gradient)
             ideal = None
             if truth is not None:
                 ideal = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in truth.ideal(batch["meta"]))
@@ -262,7 +280,9 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
                     target = ideal[0] if ideal is not None else batch["image"]
                     shown = {"input_map": batch["input_map"], "exemplar": batch["exemplar"], "image": target}
                     grid = viz.sample_grid(shown, real.image, real.warped, rows=cfg.grid_rows)
-            identity.add_flow("full", flow_errors(M.identity_positions(size, len(batch["key"])).to(device), batch))
+            no_motion = M.identity_positions(size, len(batch["key"])).to(device)
+            identity.add_flow("full", flow_errors(no_motion, batch))
+            identity.add_identifiable(M.endpoint_errors(no_motion, batch["flow"]), batch)
             photos.append(batch["image"].cpu())
             seen += len(batch["key"])
             bar.update(len(batch["key"]))
@@ -286,8 +306,12 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
         if dist:
             summary["dist"] = dist
         results[name] = summary
-    metrics = {**results.pop("trained"), **results,
-               "identity": identity.summary()["corr"], "samples": seen}
+    for summary in results.values():
+        collapse = summary["collapse"]
+        collapse["suspected"] = float(collapse["to_exemplar"] < collapse["to_target"])
+    baseline = identity.summary()
+    metrics = {**results.pop("trained"), **results, "identity": baseline["corr"],
+               "identity_identifiable": baseline["corr_identifiable"], "samples": seen}
     curves = {name: (s.curve / max(s.flow["full"]["count"], 1.0)).tolist()
               for name, s in {**scores, "identity": identity}.items()}
     return Evaluation(metrics=drop_nan(metrics), skipped=skipped, curves=curves, grid=grid, samples=seen)
@@ -333,10 +357,15 @@ def run_evaluation(params: Mapping[str, Any], *, model_ref: str = "models", shar
     if run_id:
         tracking.publish_evaluation(uri, run_id, result.metrics, skipped=result.skipped, grid=result.grid,
                                     curves={"threshold_px": list(CURVE_THRESHOLDS), **result.curves},
-                                    pck_figure=figure, tags={"eval.model_ref": str(model_ref)})
+                                    pck_figure=figure, tags={"eval.model_ref": str(model_ref),
+                                                             "collapse": collapse_state(result.metrics)})
     atomic_write_bytes(reports / "eval_pck.png", viz.figure_png(figure))
     say_summary(result, run_id)
     return result
+
+
+def collapse_state(metrics: Mapping[str, Any]) -> str:
+    return "suspected" if metrics["collapse"]["suspected"] else "no"
 
 
 def say_summary(result: Evaluation, run_id: str | None) -> None:
@@ -351,7 +380,13 @@ def say_summary(result: Evaluation, run_id: str | None) -> None:
     print(f"evaluate: {result.samples} validation samples" + (f" (MLflow run {run_id})" if run_id else ""))
     print(line("PCK@3px (higher is better)", "corr/pck_3", ".4f"))
     print(line("EPE px (lower is better)", "corr/epe", ".2f"))
+    print(line("PCK@3px, identifiable pixels", "corr_identifiable/pck_3", ".4f")
+          + f"   identity {flat.get('identity_identifiable/pck_3', float('nan')):.4f}"
+          + f"   ({flat.get('corr_identifiable/fraction', 0):.0%} of the pixels)")
     print(line("colour error (lower better)", "style/colour_error", ".1f"))
     print(line("PSNR pseudo pairs dB", "recon/psnr", ".2f"))
+    print(f"  collapse watch: L1 to the exemplar {flat['collapse/to_exemplar']:.3f}, to the target "
+          f"{flat['collapse/to_target']:.3f}" + ("  COLLAPSE SUSPECTED: the outputs copy their exemplars"
+                                                 if collapse_state(result.metrics) == "suspected" else ""))
     for name, reason in result.skipped.items():
         print(f"  skipped {name}: {reason}")

@@ -44,6 +44,28 @@ def error_sums(errors: torch.Tensor, thresholds: Sequence[float]) -> dict[str, f
     return sums
 
 
+def identifiable(exemplar: torch.Tensor, flow: torch.Tensor, valid: torch.Tensor, gradient: float,
+                 window: int = 5) -> torch.Tensor:
+    """Pixels whose ground-truth match is identifiable: (B, 1, H, W) bool.
+
+    exemplar (B, 3, H', W') in [-1, 1]; flow (B, 2, H, W) each pixel's (row, col) in it; valid (B, 1, H, W) bool.
+    A match is identifiable where the exemplar's grey level varies in every direction around it: the smaller
+    eigenvalue of its structure tensor over a `window` x `window` patch (Shi and Tomasi's corner measure) is at
+    least gradient**2 (gradient in [0, 1] units per pixel). Inside flat regions and along straight edges or
+    stripes a match can slide without changing what it sees; there no method can be scored on its position.
+    """
+    grey = to_unit(exemplar).mean(1, keepdim=True)
+    gy, gx = torch.gradient(grey, dim=(2, 3))
+    box = lambda t: F.avg_pool2d(t, window, stride=1, padding=window // 2, count_include_pad=False)  # noqa: E731
+    sxx, syy, sxy = box(gx * gx), box(gy * gy), box(gx * gy)
+    smaller = (sxx + syy) / 2 - (((sxx - syy) / 2) ** 2 + sxy ** 2).sqrt()  # (B, 1, H', W')
+    h, w = smaller.shape[-2:]
+    rows = flow[:, 0].round().long().clamp(0, h - 1)
+    cols = flow[:, 1].round().long().clamp(0, w - 1)
+    at_match = smaller.flatten(1).gather(1, (rows * w + cols).flatten(1)).view_as(valid)
+    return valid & (at_match >= gradient ** 2)
+
+
 def identity_positions(shape: tuple[int, int], batch: int = 1) -> torch.Tensor:
     """(B, 2, H, W) every pixel matched to itself: the no-motion baseline."""
     rows, cols = torch.meshgrid(torch.arange(shape[0]), torch.arange(shape[1]), indexing="ij")

@@ -63,6 +63,26 @@ def test_manifest_lists_every_shard_with_counts_and_sha256(built):
     assert on_disk["splits"] == manifest["splits"] and "shard" in on_disk["params"]
 
 
+def test_retrieval_lists_rank_training_images_in_the_official_format(built):
+    """retrieval_<split>.txt: "name,ref1,...,refk", the k nearest training images; the first is the exemplar."""
+    shard_dir, manifest = built
+    assert manifest["pairing"]["retrieval_lists"] == {"train": "retrieval_train.txt", "val": "retrieval_val.txt"}
+    exemplar_of = {}
+    for info in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
+        for members in tar_samples(shard_dir / info["name"])[0].values():
+            meta = json.loads(members["meta.json"])
+            exemplar_of[meta["name"]] = meta["exemplar"]
+    train_names = set()
+    for split, count in (("train", 12), ("val", 4)):
+        rows = [line.split(",") for line in (shard_dir / f"retrieval_{split}.txt").read_text().splitlines()]
+        assert len(rows) == count and all(len(row) == 1 + 5 for row in rows)  # shard.retrieval_top_k: 5
+        assert all(row[0] not in row[1:] and len(set(row[1:])) == 5 for row in rows)
+        assert all(exemplar_of[row[0]] == row[1] for row in rows)  # the shards' retrieved exemplar is the first
+        train_names |= {row[0] for row in rows} if split == "train" else set()
+    val_refs = {ref for line in (shard_dir / "retrieval_val.txt").read_text().splitlines() for ref in line.split(",")[1:]}
+    assert val_refs <= train_names  # references come from the training split only
+
+
 def test_samples_follow_the_schema(built):
     shard_dir, manifest = built
     keys = set()

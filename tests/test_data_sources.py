@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.data.errors import DataError
 from pipeline.data.maps import label_boundaries
-from pipeline.data.pairing import choose_exemplars, describe_example, nearest_others
+from pipeline.data.pairing import choose_exemplars, describe_example, nearest_others, pairing_list, rank_others
 from pipeline.data.pose import POSE_CHANNELS
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import SOURCES, get_source
@@ -43,6 +43,31 @@ def test_synthetic_scenes_cover_classes_regions_and_textures():
     assert kinds == {"flat", "stripes", "checker", "dots", "gradient", "noise"}
     palette = examples[0].meta["palette"]
     assert len(palette) == 12 and all(len(entry["color"]) == 3 for entry in palette)
+
+
+def test_grain_textures_make_most_matches_identifiable():
+    """data.synthetic.textures: [grain] draws fine value noise in every region, so most pixels (all but noise
+    extrema and saddles) can be told from their neighbours at any image size; the default draw is unchanged."""
+    import torch
+
+    from pipeline import metrics as M
+
+    for size in (64, 128):
+        source = get_source("synthetic", task="mask", image_size=size, label_nc=12, seed=0, num_images=4,
+                            textures=["grain"])
+        examples = list(load_all(source).values())
+        assert {entry["texture"]["kind"] for e in examples for entry in e.meta["palette"]} == {"grain"}
+        photos = torch.from_numpy(np.stack([e.photo for e in examples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rows, cols = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+        flow = torch.stack([rows, cols]).expand(len(examples), -1, -1, -1)
+        valid = torch.ones(len(examples), 1, size, size, dtype=torch.bool)
+        assert M.identifiable(photos, flow, valid, gradient=0.02).float().mean() > 0.4
+    default = get_source("synthetic", task="mask", image_size=32, label_nc=12, seed=0, num_images=2)
+    listed = get_source("synthetic", task="mask", image_size=32, label_nc=12, seed=0, num_images=2,
+                        textures=["flat", "stripes", "checker", "dots", "gradient", "noise"])
+    assert default.scene(1)[1] == listed.scene(1)[1]
+    with pytest.raises(DataError, match="textures must be a non-empty list"):
+        get_source("synthetic", task="mask", image_size=32, label_nc=12, textures=["fur"])
 
 
 def test_render_translates_a_layout_with_another_palette():
@@ -162,12 +187,17 @@ def test_retrieval_picks_the_nearest_other_image_deterministically():
     assert picks.tolist() == [1, 0, 3, 2, 3]  # identical descriptors: the other one, never itself
     pool_only = nearest_others(descriptors, np.arange(5), np.array([2, 4]))
     assert pool_only.tolist() == [2, 2, 4, 2, 2]
+    ranked = rank_others(descriptors, np.arange(5), np.arange(5), k=3)
+    assert ranked.tolist() == [[1, 2, 3], [0, 2, 3], [3, 4, 0], [2, 4, 0], [3, 2, 0]]  # nearest first, ties: earlier
+    assert rank_others(descriptors, np.arange(2), np.array([2, 4]), k=5).shape == (2, 1)  # at most the pool minus one
+    assert pairing_list(["a", "b", "c", "d", "e"], np.array([0, 4]), ranked[[0, 4]]) == "a,b,c,d\ne,d,c,a\n"
 
 
 def test_listed_pairs_win_over_retrieval_and_never_pair_an_image_with_itself():
     names = ["a", "b", "c"]
     descriptors = np.array([[0.0], [0.1], [5.0]], np.float32)
-    exemplars, how = choose_exemplars(names, {"a": ["a", "c"], "b": ["missing"]}, descriptors, np.arange(3))
+    retrieved = nearest_others(descriptors, np.arange(3), np.arange(3))
+    exemplars, how = choose_exemplars(names, {"a": ["a", "c"], "b": ["missing"]}, retrieved)
     assert exemplars.tolist() == [2, 0, 1] and how == ["listed", "retrieved", "retrieved"]
 
 

@@ -46,11 +46,15 @@ def test_metrics_of_a_known_model_equal_their_definitions(train_shards, one_torc
     assert result.samples == m["samples"] == 6
     assert m["corr"]["pck_3"] == pytest.approx(m["identity"]["pck_3"])
     assert m["corr"]["epe"] == pytest.approx(m["identity"]["epe"])
+    assert m["corr_identifiable"]["pck_3"] == pytest.approx(m["identity_identifiable"]["pck_3"])
+    assert 0 < m["corr_identifiable"]["fraction"] < 1
     assert 0 < m["identity"]["pck_1"] <= m["identity"]["pck_3"] <= m["identity"]["pck_5"] < 1
     assert result.curves["trained"] == pytest.approx(result.curves["identity"])
     assert m["style"]["colour_error"] > 10  # another image's colours, not the exemplar's palette on A's layout
     assert 5 < m["recon"]["psnr"] < 40 and 0 < m["recon"]["ssim"] < 1
     assert set(result.skipped) == {"style/vgg_scores", "dist/fid"}
+    # Copying the exemplar is the collapse the watch flags: the output equals the exemplar, not the target.
+    assert m["collapse"]["to_exemplar"] == 0 and m["collapse"]["to_target"] > 0.02 and m["collapse"]["suspected"] == 1
 
 
 def test_evaluate_model_reports_every_metric_per_level_and_untrained(train_shards, tiny_net, one_torch_thread):
@@ -62,7 +66,9 @@ def test_evaluate_model_reports_every_metric_per_level_and_untrained(train_shard
     for prefix in ("", "untrained/"):
         for key in ("corr/epe", "corr/pck_1", "corr/pck_3", "corr/pck_5", "recon/psnr", "recon/ssim", "recon/l1",
                     "style/colour_error", "style/psnr_ideal", "style/vgg_colour", "style/vgg_texture",
-                    "style/semantic", "dist/swd", "dist/swd_2", "dist/fid"):
+                    "style/semantic", "dist/swd", "dist/swd_2", "dist/fid", "collapse/to_exemplar", "collapse/to_target",
+                    "collapse/suspected", "corr_identifiable/pck_3", "corr_identifiable/epe",
+                    "corr_identifiable/fraction"):
             assert prefix + key in flat, prefix + key
     for level in range(4):  # H/8 attention, then PatchMatch at H/4, H/2, H
         assert 0 <= flat[f"corr/levels/l{level}/pck_3"] <= 1
@@ -111,6 +117,7 @@ def test_run_evaluation_writes_files_and_logs_to_the_models_run(train_shards, ti
     run = client.get_run(run_id)
     assert run.data.metrics["eval/corr/pck_3"] == pytest.approx(written["corr"]["pck_3"])
     assert "eval.skipped.dist/fid" in run.data.tags
+    assert run.data.tags["collapse"] == ("suspected" if written["collapse"]["suspected"] else "no")
     logged = {f.path for f in client.list_artifacts(run_id, "eval")}
     assert logged == {"eval/eval.json", "eval/samples.png", "eval/pck.png", "eval/pck.json"}
 

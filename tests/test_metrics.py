@@ -33,6 +33,29 @@ def test_error_sums_count_only_valid_pixels():
     assert (sums["pck_1"], sums["pck_3"], sums["pck_5"]) == (13, 14, 14)
 
 
+def test_identifiable_pixels_are_textured_in_every_direction():
+    """Flat regions and stripes let a match slide without changing what it sees; fine noise and corners do not."""
+    h = w = 32
+    rows, cols = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    flow, valid = torch.stack([rows, cols])[None], torch.ones(1, 1, h, w, dtype=torch.bool)
+    flat = torch.zeros(1, 3, h, w)
+    stripes = torch.sin(cols / 2).expand(1, 3, h, w)
+    noise = torch.rand(1, 1, h, w, generator=torch.Generator().manual_seed(0)).expand(1, 3, h, w) * 2 - 1
+    square = torch.full((1, 3, h, w), -1.0)
+    square[..., 8:24, 8:24] = 1.0
+
+    def share(exemplar):
+        return M.identifiable(exemplar, flow, valid, gradient=0.02).float().mean().item()
+
+    assert share(flat) == 0 and share(stripes) == 0 and share(noise) > 0.95
+    corners = M.identifiable(square, flow, valid, gradient=0.02)[0, 0]
+    assert corners[8, 8] and corners[23, 23] and not corners[16, 8] and not corners[16, 16]  # corner, edge, inside
+    assert not M.identifiable(noise, flow, torch.zeros_like(valid), gradient=0.02).any()  # only valid pixels
+    shifted = flow + torch.tensor([3.0, -2.0]).view(1, 2, 1, 1)  # read at each pixel's match, not at the pixel
+    moved = M.identifiable(square, shifted, valid, gradient=0.02)[0, 0]
+    assert moved[5, 10] and not moved[8, 8]
+
+
 def test_psnr_l1_ssim_known_values():
     a = torch.full((2, 3, 32, 32), -1.0)  # black
     b = torch.zeros(2, 3, 32, 32)  # mid grey: 0.5 on the [0, 1] scale

@@ -20,6 +20,7 @@ from pipeline.model_files import load_model
 from pipeline.serving import INPUTS, decode_image, encode_file
 from pipeline.tracking import manifest_sha256
 from pipeline.train.checkpoint import load_state
+from pipeline.train.config import TrainConfig
 from pipeline.train.launch import TrainingError, local_ray_options, run_training
 from tests.conftest import TRAIN_DATA
 from tests.mlflow_server import mlflow_server as running_mlflow_server
@@ -183,8 +184,10 @@ def test_a_v1_model_trains_through_the_same_job(local_ray, train_shards, pairs, 
     run["model"] = dict(TINY_V1_MODEL)
     result = run_training(run, shards=train_shards, models_dir=tmp_path / "models", base=tmp_path)
     assert result.metrics["step"] == 4 and result.metrics["g/mask"] > 0
-    group = final_state(result)["opt_g"]["param_groups"][0]
-    assert group["lr"] == pytest.approx(group["initial_lr"] / 2)  # the last of 2 decay steps
+    lr = TrainConfig.from_dict(run["train"]).lr
+    assert final_state(result)["opt_g"]["param_groups"][0]["lr"] == pytest.approx(lr / 2 / 2)  # TTUR's G rate, halved
+    # at the last of 2 decay steps
+    assert logged_steps(result.tracking_uri, result.run_id, "lr/g") == [2, 4]
     exported = load_model(result.model_dir)
     assert exported.cfg.version == 1 and exported.cfg.ngf == TINY_V1_MODEL["ngf"]
     client = mlflow.MlflowClient(result.tracking_uri)

@@ -20,7 +20,7 @@ from pipeline.train.checkpoint import (DataPosition, find_checkpoint, load_state
 from pipeline.train.config import TrainConfig, configs_from_params
 from pipeline.train.launch import describe_failure
 from pipeline.train.loop import batch_stream
-from pipeline.train.step import NonFiniteLossError, build_parts, set_lr_factor, train_step
+from pipeline.train.step import NonFiniteLossError, build_parts, set_rates, train_step
 from pipeline.model_files import export_model, load_model, read_model_files
 from pipeline.tracking import absolute_tracking_uri, flatten_params
 from pipeline.viz import grid_columns, sample_grid
@@ -120,17 +120,25 @@ def test_ttur_optimizers_follow_the_paper():
     assert no_ttur.amp_dtype is None  # bf16 requested, but this is a CPU
 
 
-def test_learning_rate_schedule_decays_linearly_at_the_end():
-    cfg = TrainConfig(steps=10, lr_decay_steps=4)
+def test_learning_rate_schedules():
+    cfg = TrainConfig(steps=10, lr=2e-4, lr_decay_steps=4)
     assert [cfg.lr_factor(step) for step in range(1, 11)] == [1.0] * 7 + [0.75, 0.5, 0.25]
     assert TrainConfig(steps=10).lr_factor(10) == 1.0
     with pytest.raises(ValueError, match=r"lr_decay_steps must be in \[0, steps=10\]"):
         TrainConfig(steps=10, lr_decay_steps=11)
+    # ttur: G at lr/2 and D at 2 lr all run long, both decayed; official (CoCosNet-v2's trainer): TTUR in epoch 0 only.
+    assert cfg.rates(1, epoch=0) == cfg.rates(1, epoch=3) == pytest.approx((1e-4, 4e-4))
+    assert cfg.rates(9, epoch=3) == pytest.approx((0.5e-4, 2e-4))
+    official = TrainConfig(steps=10, lr=2e-4, lr_decay_steps=4, schedule="official")
+    assert official.rates(1, epoch=0) == pytest.approx((1e-4, 4e-4))
+    assert official.rates(2, epoch=1) == pytest.approx((2e-4, 2e-4))
+    assert official.rates(9, epoch=1) == pytest.approx((1e-4, 1e-4))
+    assert TrainConfig(lr=2e-4, ttur=False).rates(1, epoch=0) == pytest.approx((2e-4, 2e-4))
+    with pytest.raises(ValueError, match="train.schedule must be ttur or official"):
+        TrainConfig(schedule="cosine")
     parts = tiny_parts(lr=2e-4)
-    set_lr_factor(parts, 0.5)
-    assert parts.opt_g.param_groups[0]["lr"] == pytest.approx(5e-5) and parts.opt_d.param_groups[0]["lr"] == 2e-4
-    set_lr_factor(parts, 1.0)
-    assert parts.opt_g.param_groups[0]["lr"] == pytest.approx(1e-4)
+    set_rates(parts, *official.rates(2, epoch=1))
+    assert parts.opt_g.param_groups[0]["lr"] == parts.opt_d.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
 def test_v1_train_step_has_the_v1_terms(batch):

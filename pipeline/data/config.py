@@ -102,6 +102,7 @@ class ShardConfig:
     samples_per_shard: int = 64
     min_shards_per_split: int = 4  # at least ranks x loader workers, so no reader starves
     val_fraction: float = 0.1  # for images whose dataset gives no split
+    retrieval_top_k: int = 5  # nearest training images listed per image (retrieval_<split>.txt beside the shards)
     max_skipped_fraction: float = 0.05  # of all images; above it the stage fails
     jpeg_quality: int = 95
     num_workers: int = 2  # processes writing shards (1 = in-process)
@@ -112,8 +113,8 @@ class ShardConfig:
             object.__setattr__(self, "augment", from_mapping(AugmentConfig, self.augment, "shard.augment"))
         if self.pseudo_per_image < 1:
             raise ValueError(f"shard.pseudo_per_image must be >= 1, got {self.pseudo_per_image}")
-        if self.samples_per_shard < 1 or self.min_shards_per_split < 1:
-            raise ValueError("shard.samples_per_shard and shard.min_shards_per_split must be >= 1")
+        if self.samples_per_shard < 1 or self.min_shards_per_split < 1 or self.retrieval_top_k < 1:
+            raise ValueError("shard.samples_per_shard, shard.min_shards_per_split and shard.retrieval_top_k must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"shard.val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:

@@ -28,46 +28,54 @@ def describe_example(photo: np.ndarray, input_map: np.ndarray, encoding: str, la
     return np.concatenate([np.sqrt(colour), np.sqrt(np.clip(grid, 0, 1)) * 0.5]).astype(np.float32)
 
 
-def nearest_others(descriptors: np.ndarray, queries: np.ndarray, pool: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """For each query index, the nearest pool index other than itself. descriptors (N, D); -> (Q,) int64.
+def rank_others(descriptors: np.ndarray, queries: np.ndarray, pool: np.ndarray, k: int,
+                chunk: int = 1024) -> np.ndarray:
+    """For each query index, the k nearest pool indices other than itself, nearest first (ties: the earlier pool
+    position). descriptors (N, D); -> (Q, min(k, len(pool) - 1)) int64.
 
-    Pool must hold at least one index besides each query. Distances in float64, chunked: O(Q x P) time
-    with bounded memory.
+    Pool must hold at least two indices. Distances in float64, chunked: O(Q x P) time with bounded memory.
     """
+    k = min(k, len(pool) - 1)
+    if k < 1:
+        raise ValueError("retrieval pool holds no image other than the query")
     pool_vectors = descriptors[pool].astype(np.float64)
     pool_norms = (pool_vectors**2).sum(axis=1)
-    result = np.empty(len(queries), np.int64)
+    result = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), chunk):
         block = queries[start : start + chunk]
         vectors = descriptors[block].astype(np.float64)
         distance = pool_norms[None, :] - 2 * vectors @ pool_vectors.T + (vectors**2).sum(axis=1)[:, None]
         distance = np.round(distance, 9)  # equal descriptors tie exactly, whatever the BLAS rounding
         distance[block[:, None] == pool[None, :]] = np.inf  # never the image itself
-        best = np.argmin(distance, axis=1)
-        if not np.isfinite(distance[np.arange(len(block)), best]).all():
-            raise ValueError("retrieval pool holds no image other than the query")
-        result[start : start + chunk] = pool[best]
+        result[start : start + chunk] = pool[np.argsort(distance, axis=1, kind="stable")[:, :k]]
     return result
 
 
-def choose_exemplars(names: list[str], listed: dict[str, list[str]], descriptors: np.ndarray,
-                     pool: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def nearest_others(descriptors: np.ndarray, queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """For each query index, the nearest pool index other than itself. -> (Q,) int64 (see rank_others)."""
+    return rank_others(descriptors, queries, pool, 1)[:, 0]
+
+
+def choose_exemplars(names: list[str], listed: dict[str, list[str]],
+                     retrieved: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Exemplar index and how it was chosen ("listed" or "retrieved") for every item.
 
     names: item names (index order); listed: {item name: [ref item names]} already resolved to names;
-    pool: indices retrieval may pick from (the training images).
+    retrieved: (N,) every item's nearest other training image (rank_others).
     """
     position = {name: i for i, name in enumerate(names)}
-    exemplars = np.full(len(names), -1, np.int64)
+    exemplars = retrieved.astype(np.int64).copy()
     how = ["retrieved"] * len(names)
     for i, name in enumerate(names):
         refs = [position[r] for r in listed.get(name, []) if r in position and r != name]
         if refs:
             exemplars[i], how[i] = refs[0], "listed"
-    todo = np.flatnonzero(exemplars < 0)
-    if len(todo):
-        exemplars[todo] = nearest_others(descriptors, todo, pool)
     return exemplars, how
+
+
+def pairing_list(names: list[str], items: np.ndarray, ranked: np.ndarray) -> str:
+    """The official pairing-list format, one line per item: "name,ref1,ref2,...". items (Q,), ranked (Q, k)."""
+    return "".join(",".join([names[i], *(names[r] for r in refs)]) + "\n" for i, refs in zip(items, ranked))
 
 
 def resolve_listed(pairs: dict[str, list[str]], aliases: dict[str, str]) -> tuple[dict[str, list[str]], int]:

@@ -30,9 +30,9 @@ from tqdm import tqdm
 from pipeline.data.augment import make_pseudo_exemplar
 from pipeline.data.config import DataConfig, ShardConfig
 from pipeline.data.errors import DataError
-from pipeline.data.imageio import (atomic_write_json, decode_npy, decode_png, encode_jpeg, encode_json, encode_map,
+from pipeline.data.imageio import (atomic_write_bytes, atomic_write_json, decode_npy, decode_png, encode_jpeg, encode_json, encode_map,
                                    encode_npy, read_json, read_photo_png, unstack_channels)
-from pipeline.data.pairing import choose_exemplars
+from pipeline.data.pairing import choose_exemplars, pairing_list, rank_others
 from pipeline.data.prepare import FORMAT as PREPARED_FORMAT
 from pipeline.data.prepare import code_version, fingerprint, reset_if_stale
 from pipeline.data.schema import SHARD_FORMAT, member_names, pseudo_members, sample_key, stable_hash
@@ -40,6 +40,8 @@ from pipeline.params import section
 
 FORMAT = SHARD_FORMAT
 SPLITS = ("train", "val")
+# Every image's shard.retrieval_top_k nearest training images, in the official CoCosNet list format
+RETRIEVAL_LISTS = {"train": "retrieval_train.txt", "val": "retrieval_val.txt"}
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,8 @@ def plan_shards(prepared: Prepared, cfg: ShardConfig, seed: int) -> tuple[list[P
         pool = np.arange(len(prepared.items))
     if len(pool) < 2:
         raise DataError(f"{prepared.directory}: need at least 2 valid images to pair exemplars, got {len(pool)}")
-    exemplars, how = choose_exemplars(prepared.names, prepared.index.get("listed_pairs", {}),
-                                      prepared.descriptors, pool)
+    ranked = rank_others(prepared.descriptors, np.arange(len(prepared.items)), pool, cfg.retrieval_top_k)
+    exemplars, how = choose_exemplars(prepared.names, prepared.index.get("listed_pairs", {}), ranked[:, 0])
     shards = []
     for split in SPLITS:
         samples = [PlannedSample(i, int(exemplars[i]), how[i]) for i in range(len(splits)) if splits[i] == split]
@@ -146,7 +148,9 @@ def plan_shards(prepared: Prepared, cfg: ShardConfig, seed: int) -> tuple[list[P
         for number, chunk in enumerate(split_evenly(samples, cfg.samples_per_shard, cfg.min_shards_per_split)):
             shards.append(PlannedShard(f"{split}-{number:05d}.tar", split, tuple(chunk)))
     stats = {"listed": how.count("listed"), "retrieved": how.count("retrieved"),
-             "images": {s: splits.count(s) for s in SPLITS}}
+             "images": {s: splits.count(s) for s in SPLITS},
+             "retrieval_lists": {split: pairing_list(prepared.names, items, ranked[items])
+                                 for split in SPLITS if len(items := np.flatnonzero(np.array(splits) == split))}}
     return shards, stats
 
 
@@ -284,7 +288,7 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
                             "seed": seed, "code": code_version()})
     out_dir.mkdir(parents=True, exist_ok=True)
     owned = tuple(p.name for p in out_dir.glob("*.tar")) + tuple(p.name for p in out_dir.glob(".*.tmp"))
-    reset_if_stale(out_dir, expected, owned=owned + ("manifest.json",))
+    reset_if_stale(out_dir, expected, owned=owned + ("manifest.json", *RETRIEVAL_LISTS.values()))
     for stale in out_dir.glob(".*.tar.*.tmp"):  # left by an interrupted run
         stale.unlink()
 
@@ -306,6 +310,8 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
                     future.result()
                     bar.update(len(futures[future].samples))
 
+    for split, text in pairing_stats["retrieval_lists"].items():
+        atomic_write_bytes(out_dir / RETRIEVAL_LISTS[split], text.encode())
     manifest = {
         "format": FORMAT,
         "fingerprint": expected,
@@ -325,7 +331,8 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
                    for split in SPLITS},
         "skipped": {"count": skip_stats["count"], "fraction": round(skip_stats["fraction"], 6),
                     "reasons": skip_stats["reasons"]},
-        "pairing": {"listed": pairing_stats["listed"], "retrieved": pairing_stats["retrieved"]},
+        "pairing": {"listed": pairing_stats["listed"], "retrieved": pairing_stats["retrieved"],
+                    "retrieval_lists": {split: RETRIEVAL_LISTS[split] for split in pairing_stats["retrieval_lists"]}},
         "params": params if params is not None else {"shard": cfg.to_dict(), "seed": seed},
         "prepared": {"fingerprint": prepared.index["fingerprint"], "source": prepared.source},
     }

@@ -38,6 +38,7 @@ class TrainConfig:
     lr: float = 2e-4  # base rate; TTUR trains G at lr/2 and D at lr*2 (official deepfashionHD: 1e-4)
     lr_decay_steps: int = 0  # the last lr_decay_steps steps decay both rates linearly towards 0 (--niter_decay)
     ttur: bool = True  # False: both at lr with Adam betas (0.5, 0.999), the official --no_TTUR
+    schedule: Literal["ttur", "official"] = "ttur"  # how TTUR's rates move over the run: see rates()
     g_adam_eps: float = 1e-3  # the official generator/correspondence Adam uses eps 1e-3
     amp: Amp = "none"  # bf16 / fp16 autocast on CUDA; ignored (with a log line) on CPU
     seed: int = 0
@@ -84,6 +85,8 @@ class TrainConfig:
                              f"got {self.lr_decay_steps}")
         if not self.lr > 0 or not self.g_adam_eps > 0:
             raise ValueError(f"params.yaml train.lr and train.g_adam_eps must be > 0, got {self.lr}, {self.g_adam_eps}")
+        if self.schedule not in ("ttur", "official"):
+            raise ValueError(f"params.yaml train.schedule must be ttur or official, got {self.schedule!r}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"params.yaml train.amp must be none, bf16 or fp16, got {self.amp!r}")
         if not 0.0 <= self.real_exemplar_prob <= 1.0:
@@ -96,9 +99,21 @@ class TrainConfig:
             raise ValueError(f"params.yaml train.placement_strategy: unknown {self.placement_strategy!r}")
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the initial rates at `step` (1-based): 1, then over the last lr_decay_steps steps a
-        linear decay ending at 1/lr_decay_steps (the official per-epoch decay, per step)."""
+        """Multiplier of lr at `step` (1-based): 1, then over the last lr_decay_steps steps a linear decay ending
+        at 1/lr_decay_steps (the official per-epoch decay, per step)."""
         return min(1.0, (self.steps - step + 1) / self.lr_decay_steps) if self.lr_decay_steps else 1.0
+
+    def rates(self, step: int, epoch: int) -> tuple[float, float]:
+        """(generator, discriminator) learning rates at `step` (1-based) of data `epoch` (0-based).
+
+        With TTUR the generator runs at half the decayed lr and the discriminator at twice it. `ttur` keeps that
+        for the whole run (the paper; the official CoCosNet v1 trainer). `official` behaves as the official
+        CoCosNet-v2 trainer does: its end-of-epoch update sets both to lr, so TTUR holds in the first epoch only
+        (Adam's betas stay (0, 0.9)). Without TTUR both run at the decayed lr throughout."""
+        lr = self.lr * self.lr_factor(step)
+        if not self.ttur or (self.schedule == "official" and epoch > 0):
+            return lr, lr
+        return lr / 2, lr * 2
 
     @property
     def loss_weights(self) -> LossWeights:

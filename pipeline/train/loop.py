@@ -37,7 +37,7 @@ from pipeline.train.audit import Audit
 from pipeline.train.checkpoint import (DataPosition, find_checkpoint, restore_rank_state, restore_training_state,
                                        save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import (NonFiniteLossError, TrainParts, build_parts, set_lr_factor, train_step,
+from pipeline.train.step import (NonFiniteLossError, TrainParts, build_parts, set_rates, train_step,
                                  unwrap)
 from pipeline.viz import sample_grid
 
@@ -197,7 +197,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         audit.before_step(step, last_checkpoint)
         batch = to_model(next(stream), model_cfg.label_nc, device)
         audit.read(position.epoch, batch["key"])
-        set_lr_factor(parts, cfg.lr_factor(step))
+        rates = cfg.rates(step, position.epoch)
+        set_rates(parts, *rates)
         try:
             losses, out = train_step(parts, batch, step)
         except NonFiniteLossError as err:
@@ -207,7 +208,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         report_window.add(losses)
 
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            metrics = log_window.take(samples_per_step)
+            metrics = log_window.take(samples_per_step) | {"lr/g": rates[0], "lr/d": rates[1]}
             if run:
                 tracking.log_metrics(metrics, step)
             eta = (cfg.steps - step) * samples_per_step / metrics["samples_per_s"]

@@ -66,16 +66,14 @@ def make_optimizers(net: nn.Module, discriminator: nn.Module, lr: float, ttur: b
         betas, g_lr, d_lr = (0.5, 0.999), lr, lr
     opt_g = torch.optim.Adam(net.parameters(), lr=g_lr, betas=betas, eps=g_adam_eps)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=d_lr, betas=betas)
-    for group in (*opt_g.param_groups, *opt_d.param_groups):
-        group["initial_lr"] = group["lr"]  # the schedule scales these (saved with the optimizer state)
     return opt_g, opt_d
 
 
-def set_lr_factor(parts: TrainParts, factor: float) -> None:
-    """Both optimizers at `factor` x their initial rates (TrainConfig.lr_factor: the learning-rate schedule)."""
-    for optimizer in (parts.opt_g, parts.opt_d):
+def set_rates(parts: TrainParts, g_lr: float, d_lr: float) -> None:
+    """The generator's and discriminator's learning rates for the next step (TrainConfig.rates)."""
+    for optimizer, lr in ((parts.opt_g, g_lr), (parts.opt_d, d_lr)):
         for group in optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor  # older checkpoints lack it
+            group["lr"] = lr
 
 
 def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr: float, ttur: bool,

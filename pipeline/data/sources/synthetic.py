@@ -17,7 +17,8 @@ from pipeline.data.errors import DataError
 from pipeline.data.maps import as_edge_map, label_boundaries
 from pipeline.data.sources.base import Example, ItemRef, Source
 
-TEXTURE_KINDS = ("flat", "stripes", "checker", "dots", "gradient", "noise")
+TEXTURE_KINDS = ("flat", "stripes", "checker", "dots", "gradient", "noise")  # the default draw
+ALL_TEXTURES = (*TEXTURE_KINDS, "grain")  # grain: fine two-octave noise, every pixel identifiable
 REGION_KINDS = ("band", "blob", "polygon", "disc")
 Palette = list[dict[str, Any]]  # one entry per class id: {"color", "color2", "texture": {"kind", ...}}
 
@@ -25,9 +26,9 @@ Palette = list[dict[str, Any]]  # one entry per class id: {"color", "color2", "t
 # ---------------------------------------------------------------- palette and textures
 
 
-def random_texture(rng: np.random.Generator) -> dict[str, Any]:
-    """A texture kind and its parameters; lengths are fractions of the image's shorter side."""
-    kind = TEXTURE_KINDS[int(rng.integers(len(TEXTURE_KINDS)))]
+def random_texture(rng: np.random.Generator, kinds: tuple[str, ...] = TEXTURE_KINDS) -> dict[str, Any]:
+    """A texture kind drawn from `kinds` and its parameters; lengths are fractions of the image's shorter side."""
+    kind = kinds[int(rng.integers(len(kinds)))]
     texture: dict[str, Any] = {"kind": kind}
     if kind in ("stripes", "checker", "dots"):
         texture["period"] = round(float(rng.uniform(0.06, 0.2)), 4)
@@ -39,17 +40,22 @@ def random_texture(rng: np.random.Generator) -> dict[str, Any]:
     if kind == "noise":
         texture["cells"] = int(rng.integers(3, 10))
         texture["seed"] = int(rng.integers(2**31))
+    if kind == "grain":
+        texture["cell_px"] = round(float(rng.uniform(2.5, 4.0)), 3)  # in pixels: identifiable at any image size
+        texture["seed"] = int(rng.integers(2**31))
     return texture
 
 
-def random_palette(rng: np.random.Generator, num_classes: int) -> Palette:
+def random_palette(rng: np.random.Generator, num_classes: int, kinds: tuple[str, ...] = TEXTURE_KINDS) -> Palette:
     """Per-image appearance of every class: two colours mixed by a texture pattern."""
     palette = []
     for _ in range(num_classes):
         color = rng.integers(0, 256, 3)
         color2 = np.clip(color + rng.integers(-110, 111, 3), 0, 255)
-        palette.append({"color": [int(c) for c in color], "color2": [int(c) for c in color2],
-                        "texture": random_texture(rng)})
+        texture = random_texture(rng, kinds)
+        if texture["kind"] == "grain":  # fine grain needs contrast in brightness: a much darker or lighter shade
+            color2 = np.rint(color * 0.25 if color.mean() > 127 else color + (255 - color) * 0.75)
+        palette.append({"color": [int(c) for c in color], "color2": [int(c) for c in color2], "texture": texture})
     return palette
 
 
@@ -62,6 +68,14 @@ def texture_pattern(texture: dict[str, Any], ys: np.ndarray, xs: np.ndarray, sha
     if kind == "noise":
         grid = np.random.default_rng(texture["seed"]).random((texture["cells"], texture["cells"]), dtype=np.float32)
         field = cv2.resize(grid, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
+        return np.clip(field[ys, xs], 0.0, 1.0)
+    if kind == "grain":  # value noise with cells of cell_px pixels plus one at twice that, equally weighted
+        rng = np.random.default_rng(texture["seed"])
+        field = np.zeros(shape, np.float32)
+        for scale in (1, 2):
+            cells = [max(2, math.ceil(n / (texture["cell_px"] * scale))) for n in shape]
+            grid = rng.random(cells, dtype=np.float32)
+            field += cv2.resize(grid, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC) / 2
         return np.clip(field[ys, xs], 0.0, 1.0)
     angle = texture["angle"]
     along = (xs * math.cos(angle) + ys * math.sin(angle)).astype(np.float32)
@@ -166,7 +180,8 @@ class SyntheticSource(Source):
     tasks = ("mask", "edge")
 
     def __init__(self, *, root=None, task: str = "mask", image_size=(64, 64), label_nc: int = 12, seed: int = 0,
-                 num_images: int = 320, min_regions: int = 4, max_regions: int = 9, num_classes: int | None = None):
+                 num_images: int = 320, min_regions: int = 4, max_regions: int = 9, num_classes: int | None = None,
+                 textures: list[str] | tuple[str, ...] = TEXTURE_KINDS):
         super().__init__(root=None, task=task, image_size=image_size, label_nc=label_nc, seed=seed)
         self.num_classes = num_classes if num_classes is not None else (label_nc if task == "mask" else 12)
         if self.num_classes < 9:
@@ -184,11 +199,15 @@ class SyntheticSource(Source):
             raise DataError(f"synthetic: need 1 <= min_regions <= max_regions, got {min_regions}, {max_regions}")
         if num_images < 2:
             raise DataError(f"synthetic: num_images must be >= 2 (exemplars are other images), got {num_images}")
+        unknown = sorted(set(textures) - set(ALL_TEXTURES))
+        if unknown or not textures:
+            raise DataError(f"synthetic: textures must be a non-empty list of {list(ALL_TEXTURES)}, got {list(textures)}")
         self.num_images, self.min_regions, self.max_regions = num_images, min_regions, max_regions
+        self.textures = tuple(textures)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_images": self.num_images, "min_regions": self.min_regions,
-                "max_regions": self.max_regions, "num_classes": self.num_classes}
+                "max_regions": self.max_regions, "num_classes": self.num_classes, "textures": list(self.textures)}
 
     def items(self) -> list[ItemRef]:
         return [ItemRef(name=f"{i:06d}", path=f"synthetic:{i}", files={"index": i}) for i in range(self.num_images)]
@@ -197,7 +216,7 @@ class SyntheticSource(Source):
         """(label map (H, W) uint8, palette) of image `index`."""
         rng = np.random.default_rng([self.seed, index])
         labels = random_layout(rng, self.image_size, self.num_classes, self.min_regions, self.max_regions)
-        return labels, random_palette(rng, self.num_classes)
+        return labels, random_palette(rng, self.num_classes, self.textures)
 
     def load(self, item: ItemRef) -> Example:
         labels, palette = self.scene(item.files["index"])
