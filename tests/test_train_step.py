@@ -68,7 +68,8 @@ MANIFEST = {"image_size": [64, 64], "label_nc": 12}  # what configs_from_params 
 V1_PARAMS = ["params/ade20k-v1.yaml", "params/celebahq-edge-v1.yaml", "params/deepfashion-v1.yaml"]
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "params/deepfashion-512-gpu.yaml", *V1_PARAMS])
+@pytest.mark.parametrize("path", ["params.yaml", "params/deepfashion-512-gpu.yaml", "params/synthetic-quality.yaml",
+                                  *V1_PARAMS])
 def test_shipped_params_files_give_valid_configs(path):
     params = load_params(REPO_ROOT / path)
     data = DataConfig.from_params(params["data"])
