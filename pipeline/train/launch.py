@@ -227,6 +227,9 @@ def fit(plan: Plan) -> tuple[str, ray.train.Result, float]:
     start = time.perf_counter()
     try:
         result = trainer.fit()
+        stopped = (result.return_value or {}).get("stopped")
+        if stopped:  # a guard stopped every worker (pipeline/train/guard.py): deterministic, so not retried
+            raise FloatingPointError(stopped)
     except KeyboardInterrupt:
         tracking.end_run(uri, run_id, "KILLED")
         raise
