@@ -34,7 +34,7 @@ class Audit:
         if self.cfg and step == self.cfg.fail_at_step and self.rank == 0 and not self.resumed:
             raise RuntimeError(f"fault drill: train.audit.fail_at_step={step} (a restart resumes from step "
                                f"{last_checkpoint})")
-        if self.cfg and step == self.cfg.nan_at_step and self.rank == 0:
+        if self.cfg and step == self.cfg.nan_at_step:  # on every rank, as DDP keeps the weights equal
             with torch.no_grad():
                 next(unwrap(parts.net).parameters()).view(-1)[0] = float("nan")
 

@@ -26,7 +26,7 @@ class AuditConfig:
     of every key read), and rank 0 can fail on purpose once."""
 
     fail_at_step: int | None = None  # fault drill: rank 0 raises before this step (not after a restore)
-    nan_at_step: int | None = None  # guard drill: rank 0 sets a generator weight to NaN before this step
+    nan_at_step: int | None = None  # guard drill: a generator weight turns NaN before this step (every rank)
 
 
 @dataclass(frozen=True)
