@@ -67,10 +67,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EvalConfig":
-        values = dict(values)
-        if "pck_thresholds" in values:
-            values["pck_thresholds"] = tuple(float(t) for t in values["pck_thresholds"])
-        return from_mapping(cls, values, "evaluate")
+        return from_mapping(cls, dict(values), "evaluate")
 
 
 # ---------------------------------------------------------------- ground truth of the synthetic source

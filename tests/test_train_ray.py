@@ -2,7 +2,8 @@
 the last checkpoint, and an interrupted run resumed with train.resume_from. All three end with exactly the
 weights of the uninterrupted reference run (CPU, one thread per worker: deterministic).
 
-A NaN weight stops a 2-worker run without a retry. One Ray for the module; six trainer fits (about 25 s of Ray overhead each here), the last one of CoCosNet v1.
+A NaN weight stops a 2-worker run without a retry. One Ray for the module; six trainer fits (about 25 s of Ray
+overhead each here), the last one of CoCosNet v1.
 """
 from __future__ import annotations
 
