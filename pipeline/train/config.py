@@ -52,6 +52,7 @@ class TrainConfig:
 
     # --- data
     loader_workers: int = 0  # DataLoader processes per Ray worker (each rank reads its own shards)
+    verify_shards: Literal["full", "size", "none"] = "full"  # each shard against the manifest, once per process
 
     # --- Ray Train
     ray_address: str = "local"  # "local": start a small Ray here; anything else: join that cluster

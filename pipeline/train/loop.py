@@ -169,7 +169,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     loader = make_loader(config["shards"], batch_size=cfg.batch_size, split="train",
                          real_exemplar_prob=cfg.real_exemplar_prob, num_workers=cfg.loader_workers, seed=cfg.seed,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", verify=cfg.verify_shards)
     if (loader.rank, loader.world_size) != (rank, world_size):  # it splits shards by RANK/WORLD_SIZE
         raise RuntimeError(f"rank {rank} of {world_size}: the environment says {loader.rank} of {loader.world_size}")
     start_step, position, source = restore(parts, config, rank)
