@@ -27,8 +27,8 @@ class NonFiniteLossError(TrainingHealthError):
     """A loss term became NaN or Inf; no update was applied for this step."""
 
     def __init__(self, term: str, value: float, step: int | None = None):
-        self.value = value
         super().__init__(f"loss term {term!r}", step, f"is {value}")
+        self.term, self.value = term, value
 
 
 @dataclass
