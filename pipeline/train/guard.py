@@ -5,9 +5,10 @@
     DivergenceGuard      each step: a loss far above its running median
     diagnose_forward     when a forward pass fails: the first layer whose output is not finite
 
-(pipeline/model_files.py refuses to export or log a non-finite model.) A failure found here is deterministic (a restart from the last checkpoint meets it again): the worker loop stops
+A failure found here is deterministic (a restart from the last checkpoint meets it again): the worker loop stops
 every rank at the same step and returns instead of raising, so Ray does not retry it, and the driver fails the run
-naming the term, the step and the last good checkpoint.
+naming the term, the step and the last good checkpoint. (pipeline/model_files.py refuses to write a model holding
+NaN/Inf, whatever wrote it.)
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ class TrainingHealthError(FloatingPointError):
     """Training reached a state that must not be kept or continued: `term` (a loss term, a gradient, a parameter,
     an optimizer state, a layer's output) at `step`."""
 
+    stopped = "training stopped before applying this update"
+
     def __init__(self, term: str, step: int | None, problem: str, advice: str = ""):
         self.term, self.step = term, step
         where = f" at step {step}" if step is not None else ""
-        super().__init__(f"{term} {problem}{where}; training stopped before applying this update"
-                         f"{'. ' + advice if advice else ''}")
+        super().__init__(f"{term} {problem}{where}; {self.stopped}{'. ' + advice if advice else ''}")
 
 
 class NonFiniteGradientError(TrainingHealthError):
@@ -40,6 +42,8 @@ class NonFiniteGradientError(TrainingHealthError):
 class NonFiniteStateError(TrainingHealthError):
     """A parameter, buffer or optimizer state holds NaN/Inf."""
 
+    stopped = "training stopped before saving this checkpoint"
+
 
 class NonFiniteActivationError(TrainingHealthError):
     """A layer's output is NaN/Inf: the forward pass cannot give a usable loss."""
@@ -47,6 +51,8 @@ class NonFiniteActivationError(TrainingHealthError):
 
 class DivergenceError(TrainingHealthError):
     """A loss grew beyond train.divergence_factor times its running median."""
+
+    stopped = "training stopped before the next step (no checkpoint of this step)"
 
 
 ADVICE = "The weights diverged: lower train.lr or the loss weights (train.loss), or resume from the last checkpoint"
