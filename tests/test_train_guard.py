@@ -3,6 +3,8 @@ probes: a loss weight of 1e38 (the backward overflows), lr 1e30 (the next forwar
 lr 1e6 (finite weights around 5e5: the loss diverges), and a NaN weight in a Ray run."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -92,3 +94,19 @@ def test_a_non_finite_parameter_or_optimizer_state_is_named_before_a_checkpoint_
     with pytest.raises(ValueError, match="refusing to write a model whose .* holds NaN"):
         write_model_files(tmp_path / "model", parts.net.state_dict(), parts.net.cfg)
     assert not (tmp_path / "model").exists()
+
+
+def test_the_driver_refuses_a_corrupt_shard_before_it_starts_ray(train_shards, tmp_path):
+    from pipeline.data.errors import DataError
+    from pipeline.train.launch import resolve
+
+    shards = tmp_path / "shards"
+    shutil.copytree(train_shards, shards)
+    victim = sorted(shards.glob("train-*.tar"))[1]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0x01
+    victim.write_bytes(bytes(data))
+    params = {"model": {}, "train": {"verify_shards": "size"}}
+    resolve(params, shards, tmp_path)  # same size: only the hash tells
+    with pytest.raises(DataError, match=f"{victim}: sha256 .* differs from the manifest's"):
+        resolve({"model": {}, "train": {}}, shards, tmp_path)

@@ -100,6 +100,19 @@ def tar_index(url: str, version: tuple[int, int]) -> tuple[tuple[str, dict[str, 
     return tuple(samples.items())
 
 
+def verify_split(shards: str | Path, split: str, verify: str = "full") -> None:
+    """Verify every shard of a split now (verify_shard): the training driver does it before it starts Ray, so that
+    a bad shard fails the run once instead of a worker that Ray would restart."""
+    manifest, shard_dir = read_manifest(shards)
+    for entry in manifest["splits"].get(split, {}).get("shards", []):
+        path = shard_dir / entry["name"]
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise DataError(f"{path}: listed in the manifest but missing (re-run `dvc repro shard`)") from None
+        verify_shard(str(path), (stat.st_mtime_ns, stat.st_size), entry["sha256"], entry["bytes"], verify)
+
+
 def read_tars(shards: Iterator[dict[str, Any]], members_of: Callable[[str], list[str]],
               verify: str = "full") -> Iterator[dict]:
     """{"url", "manifest"} -> samples {"__key__", "__url__", member: bytes} of the members members_of(key) names, one
