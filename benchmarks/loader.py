@@ -10,6 +10,8 @@ Rows (target: the compact batches at >= 0.8 of decode-only samples/s)
   WebDataset stages (shard order, split by rank and worker, tar reading, shuffle buffer), decoding, batching,
   and the batches' trip from the workers through shared memory. On a GPU this is the CPU's whole share:
   ``to_model`` expands the batch on the device.
+* ``the same, verify=none``: without checking each shard's sha256 against the manifest (the default ``full``
+  hashes every shard once per worker process: here once per run, since each run starts new workers).
 * ``loader + to_model on the CPU``: the same, expanded to the model's float tensors (one-hot maps, images in
   [-1, 1]) in the main process, as a CPU-only training loop does before its step.
 
@@ -103,10 +105,10 @@ def decode_only_epochs(shard_dir: Path, workers: int, epochs: int):
         yield (int(count) for count in DataLoader(dataset, batch_size=None, num_workers=workers))
 
 
-def loader_epochs(shard_dir: Path, workers: int, epochs: int, batch_size: int, expand: bool):
+def loader_epochs(shard_dir: Path, workers: int, epochs: int, batch_size: int, expand: bool, verify: str = "full"):
     """expand: also make the model's float tensors on the CPU (to_model)."""
     loader = make_loader(shard_dir, batch_size=batch_size, split="train", num_workers=workers, seed=0,
-                         real_exemplar_prob=0.2)
+                         real_exemplar_prob=0.2, verify=verify)
     for _ in range(epochs):
         yield (len((to_model(batch, LABEL_NC) if expand else batch)["key"]) for batch in loader)
 
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         "decode-only": lambda: decode_only_epochs(shard_dir, args.workers, args.epochs),
         "loader, compact batches": lambda: loader_epochs(shard_dir, args.workers, args.epochs, args.batch_size,
                                                          expand=False),
+        "  the same, verify=none": lambda: loader_epochs(shard_dir, args.workers, args.epochs, args.batch_size,
+                                                         expand=False, verify="none"),
         "loader + to_model on the CPU": lambda: loader_epochs(shard_dir, args.workers, args.epochs,
                                                               args.batch_size, expand=True),
     }

@@ -14,6 +14,19 @@ CHECKPOINTING = ("auto", "none", "iterations", "full")
 AUTO_CHECKPOINT_MIN_SIDE = 256
 
 
+POSITIVE_FIELDS = ("nef", "ngf", "ndf", "spade_hidden", "num_d", "n_layers_d", "search_window", "search_dilation",
+                   "adaptor_kernel", "match_channels")
+
+
+def check_image_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) the model takes, else ValueError: both multiples of 32 and at least 64."""
+    h, w = size
+    if h % 32 or w % 32 or h < 64 or w < 64:
+        # The generator starts at H/32, where SPADE's reflection padding needs at least 2 pixels.
+        raise ValueError(f"image_size must be multiples of 32 and at least 64, got {tuple(size)}")
+    return h, w
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the correspondence network, the generator and the discriminator.
@@ -57,10 +70,10 @@ class ModelConfig:
     generator_input: GeneratorInput = "warp_mask"  # [--CBN_intype] SPADE condition: warp + input map, or the warp
 
     def __post_init__(self) -> None:
-        h, w = self.image_size
-        if h % 32 or w % 32 or h < 64 or w < 64:
-            # The generator starts at H/32, where SPADE's reflection padding needs at least 2 pixels.
-            raise ValueError(f"image_size must be multiples of 32 and at least 64, got {self.image_size}")
+        h, w = check_image_size(self.image_size)
+        for name in POSITIVE_FIELDS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.version not in (1, 2):
             raise ValueError(f"version must be 1 (CoCosNet) or 2 (CoCosNet v2), got {self.version!r}")
         if self.label_nc < 1:

@@ -35,7 +35,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import numpy as np
 import torch
@@ -71,13 +71,11 @@ class EvalConfig:
     seed: int = 0  # initialisation of the untrained model, SWD projections
     device: str = "cpu"
     loader_workers: int = 0
+    verify_shards: Literal["full", "size", "none"] = "full"  # each shard against the manifest (pipeline/data/loader.py)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EvalConfig":
-        values = dict(values)
-        if "pck_thresholds" in values:
-            values["pck_thresholds"] = tuple(float(t) for t in values["pck_thresholds"])
-        return from_mapping(cls, values, "evaluate")
+        return from_mapping(cls, dict(values), "evaluate")
 
 
 # ---------------------------------------------------------------- ground truth of the synthetic source
@@ -240,7 +238,8 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
     net = net.to(device).eval()
     size, label_nc = net.cfg.image_size, net.cfg.label_nc
     loader = make_loader(shards, batch_size=cfg.batch_size, split=cfg.split, real_exemplar_prob=1.0, with_flow=True,
-                         num_workers=cfg.loader_workers, seed=cfg.seed, shuffle=False, pin_memory=device.type == "cuda")
+                         num_workers=cfg.loader_workers, seed=cfg.seed, shuffle=False, pin_memory=device.type == "cuda",
+                         verify=cfg.verify_shards)
     loader.check_fits(net.cfg, "the model")
     manifest = loader.manifest
     skipped: dict[str, str] = {}

@@ -35,7 +35,7 @@ from PIL import Image
 
 from model import CoCosNet, ModelConfig
 from pipeline.data.errors import DataError, SkipSample
-from pipeline.data.imageio import fit, read_gray, read_label_png, read_photo
+from pipeline.data.imageio import UnsupportedMode, eight_bit, fit, read_gray, read_label_png, read_photo, rgb_array
 from pipeline.data.loader import to_model
 from pipeline.data.maps import as_edge_map, canny_edges
 from pipeline.data.pose import NUM_JOINTS, POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
@@ -126,7 +126,12 @@ def read_map_array(source: MapSource, task: str) -> np.ndarray:
     if isinstance(source, Image.Image):
         if task == "mask" and source.mode in ("RGB", "RGBA"):
             raise DataError(f"label map must be single-channel class ids, got an image of mode {source.mode}")
-        return np.asarray(source if task == "mask" else source.convert("L"))
+        if task == "mask":
+            return np.asarray(source)
+        try:
+            return np.asarray(eight_bit(source).convert("L"))
+        except UnsupportedMode as exc:
+            raise DataError(f"input map: {exc}") from None
     path = Path(source)
     if path.suffix.lower() == ".npy":
         try:
@@ -200,7 +205,10 @@ def read_exemplar(source: PhotoSource, size: tuple[int, int]) -> tuple[np.ndarra
         with _data_errors():
             photo = read_photo(source)
     elif isinstance(source, Image.Image):
-        photo = np.asarray(source.convert("RGB"))
+        try:
+            photo = rgb_array(source)
+        except UnsupportedMode as exc:
+            raise DataError(f"exemplar: {exc}") from None
     else:
         photo = np.asarray(source)
         if photo.ndim != 3 or photo.shape[2] != 3 or photo.dtype != np.uint8:

@@ -28,6 +28,10 @@ STATE_DICT_FILE, MODEL_CONFIG_FILE, RUN_FILE = "state_dict.pt", "model_config.js
 
 
 def write_model_files(folder: Path, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """The model's files in `folder`; a state dict holding NaN/Inf is refused (every export and logged model)."""
+    bad = next((name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad:
+        raise ValueError(f"{folder}: refusing to write a model whose {bad} holds NaN or Inf values")
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(dict(state_dict), folder / STATE_DICT_FILE)
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))

@@ -208,8 +208,10 @@ def test_loader_never_unpickles_shard_content(shards, tmp_path):
     evil_manifest = json.loads((shard_dir / "manifest.json").read_text())
     evil_manifest["splits"]["train"]["shards"] = [info]
     (evil_dir / "manifest.json").write_text(json.dumps(evil_manifest))
-    with pytest.raises(DataError, match="refusing NPY"):
+    with pytest.raises(DataError, match="the shard is truncated or was replaced"):  # the manifest's size
         list(loader(evil_dir, with_flow=True))
+    with pytest.raises(DataError, match="refusing NPY"):  # and past the manifest check, the decoder
+        list(loader(evil_dir, with_flow=True, verify="none"))
     assert not marker.exists()
 
 
@@ -230,12 +232,51 @@ def test_fewer_shards_than_workers_or_ranks_still_reads_everything_once(shards, 
     assert len(rank_1) == 0 and list(rank_1) == []  # no shard for rank 1
 
 
-def test_truncated_shard_is_a_clear_error(shards, tmp_path):
+def one_shard_copy(shards, folder, data_of=lambda data, other: data):
+    """folder/ with the first train shard, its bytes changed by data_of(bytes, the second shard's bytes), and a
+    manifest listing it as the original."""
     shard_dir, manifest = shards
-    info = manifest["splits"]["train"]["shards"][0]
-    data = (shard_dir / info["name"]).read_bytes()
-    (tmp_path / info["name"]).write_bytes(data[: len(data) // 2])
-    short = dict(manifest, splits={"train": {"samples": info["samples"], "shards": [info]}})
-    (tmp_path / "manifest.json").write_text(json.dumps(short))
-    with pytest.raises(DataError, match=f"{info['name']}: unreadable tar"):
+    info, other = manifest["splits"]["train"]["shards"][:2]
+    data = data_of((shard_dir / info["name"]).read_bytes(), (shard_dir / other["name"]).read_bytes())
+    (folder / info["name"]).write_bytes(data)
+    one = dict(manifest, splits={"train": {"samples": info["samples"], "shards": [info]}})
+    (folder / "manifest.json").write_text(json.dumps(one))
+    return folder / info["name"]
+
+
+def test_a_truncated_shard_is_named_before_it_is_read(shards, tmp_path):
+    path = one_shard_copy(shards, tmp_path, lambda data, _: data[: len(data) // 2])
+    with pytest.raises(DataError, match=f"{path}: .* bytes, the manifest says .*truncated"):
+        list(loader(tmp_path, verify="size"))
+    with pytest.raises(DataError, match=f"{path}: unreadable tar"):  # unverified, the tar reader still notices
+        list(loader(tmp_path, verify="none"))
+
+
+def flip_a_jpeg_byte(data: bytes, _) -> bytes:
+    at = data.index(b"\xff\xd8\xff") + 600  # inside the first JPEG's entropy-coded data
+    return data[:at] + bytes([data[at] ^ 0x55]) + data[at + 1:]
+
+
+def test_a_flipped_byte_or_a_swapped_shard_fails_the_sha256(shards, tmp_path):
+    path = one_shard_copy(shards, tmp_path, flip_a_jpeg_byte)
+    with pytest.raises(DataError, match=f"{path}: sha256 .* differs from the manifest's .*corrupt"):
         list(loader(tmp_path))
+    assert len(keys_of(loader(tmp_path, verify="size"))) > 0  # same size: only the hash sees it (and JPEG does not)
+    (tmp_path / "swapped").mkdir()
+    swapped = one_shard_copy(shards, tmp_path / "swapped", lambda _, other: other)  # same sample count here
+    with pytest.raises(DataError, match=f"{swapped}: (sha256|.* bytes, the manifest says)"):
+        list(loader(tmp_path / "swapped"))
+
+
+def test_each_shard_is_hashed_once_per_process(shards, monkeypatch):
+    import pipeline.data.loader as loader_module
+
+    loader_module.verify_shard.cache_clear()
+    calls = []
+    real = loader_module.hashlib.sha256
+    monkeypatch.setattr(loader_module.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    epochs = loader(shards[0])
+    for _ in range(3):
+        list(epochs)
+    list(loader(shards[0]))  # another loader in the same process
+    assert len(calls) == len(shards[1]["splits"]["train"]["shards"])

@@ -153,6 +153,25 @@ def test_interrupted_run_resumes_skipping_complete_shards(built, tmp_path, monke
     assert shard_bytes(shard_dir) == reference
 
 
+def test_a_tar_the_stage_did_not_finish_is_rewritten_not_accepted(built, tmp_path):
+    reference = shard_bytes(built[0])
+    shard_dir, _ = build_shards(tmp_path)
+    truncated, unrecorded = shard_dir / "train-00000.tar", shard_dir / "val-00001.tar"
+    truncated.write_bytes(reference["train-00000.tar"][:1000])
+    flipped = bytearray(reference["train-00001.tar"])
+    flipped[-2000] ^= 0xFF  # same size, other bytes
+    (shard_dir / "train-00001.tar").write_bytes(bytes(flipped))
+    records = json.loads((shard_dir / "completed.json").read_text())
+    del records["val-00001.tar"]  # e.g. renamed into place by something else than this stage
+    (shard_dir / "completed.json").write_text(json.dumps(records))
+    untouched = (shard_dir / "val-00000.tar").stat().st_mtime_ns
+    shard_dir, manifest = build_shards(tmp_path)
+    assert shard_bytes(shard_dir) == reference and unrecorded.exists()
+    assert (shard_dir / "val-00000.tar").stat().st_mtime_ns == untouched  # vouched for: kept
+    for info in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
+        assert info["sha256"] == hashlib.sha256(reference[info["name"]]).hexdigest()
+
+
 def test_changed_params_rebuild_instead_of_reusing(built, tmp_path):
     build_shards(tmp_path)
     shard_dir, manifest = build_shards(tmp_path, shard_cfg=tiny_shard_config(pseudo_per_image=1,
@@ -166,11 +185,11 @@ def test_stages_run_from_params_yaml(tmp_path, monkeypatch):
     from pipeline.cli import main
 
     params = {
-        "data": {"source": "synthetic", "root": None, "task": "edge", "image_size": 32, "label_nc": 1, "seed": 0,
+        "data": {"source": "synthetic", "root": None, "task": "edge", "image_size": 64, "label_nc": 1, "seed": 0,
                  "synthetic": {"num_images": 12}, "ade20k": {}},
         "shard": {"pseudo_per_image": 1, "samples_per_shard": 4, "val_fraction": 0.2, "num_workers": 1,
                   "augment": {"elastic_prob": 0.0}},
-        "model": {"anything": 1},  # other stages' sections are ignored
+        "model": {"nef": 8},  # every section is checked by every stage (tests/test_params.py)
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)

@@ -122,3 +122,16 @@ def test_dvc_exp_run_registers_a_challenger_and_dvc_views_work(repo):
     assert len(points) == 3 * 21  # thresholds 0, 0.5, ..., 10 px
     table = run([sys.executable, "-m", "dvc", "exp", "show", "--md"], work, env)
     assert "train.lr" in table and "0.001" in table and "corr.pck_3" in table
+
+
+def test_dvc_repro_shard_rebuilds_a_truncated_tar(repo):
+    work, env = repo
+    run([sys.executable, "-m", "dvc", "repro", "shard"], work, env)
+    tar = work / "data/shards/train-00000.tar"
+    intact = tar.read_bytes()
+    tar.write_bytes(intact[: len(intact) // 2])  # what an interrupted copy or a full disk leaves
+    out = run([sys.executable, "-m", "dvc", "repro", "shard"], work, env)
+    assert "Running stage 'shard'" in out and tar.read_bytes() == intact
+    manifest = json.loads((work / "data/shards/manifest.json").read_text())
+    assert {"name": "train-00000.tar", "bytes": len(intact)}.items() <= manifest["splits"]["train"]["shards"][0].items()
+    assert "Data and pipelines are up to date" in run([sys.executable, "-m", "dvc", "status", "shard"], work, env)

@@ -2,7 +2,8 @@
 the last checkpoint, and an interrupted run resumed with train.resume_from. All three end with exactly the
 weights of the uninterrupted reference run (CPU, one thread per worker: deterministic).
 
-One Ray for the module; five trainer fits (about 25 s of Ray overhead each here), the last one of CoCosNet v1.
+A NaN weight stops a 2-worker run without a retry. One Ray for the module; six trainer fits (about 25 s of Ray
+overhead each here), the last one of CoCosNet v1.
 """
 from __future__ import annotations
 
@@ -172,6 +173,26 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_matches_the_uninterrupte
     result = run_training(resumed, shards=train_shards, models_dir=tmp_path / "models", base=tmp_path)
     assert logged_steps(result.tracking_uri, result.run_id) == [8]  # only steps 7 and 8 were trained
     assert_same_training_state(final_state(result), final_state(reference))
+
+
+def test_a_nan_weight_stops_both_workers_without_a_retry_and_keeps_the_last_good_checkpoint(local_ray, train_shards,
+                                                                                           tmp_path):
+    # A weight turns NaN before step 5: both ranks stop there and return, so Ray does not retry (max_failures=1 would
+    # resume from step 3 and meet the same NaN: MLflow would then hold step 4 twice); nothing is exported.
+    poisoned = params(tmp_path, sqlite_uri(tmp_path), run_name="poisoned", workers=2, audit={"nan_at_step": 5},
+                      max_failures=1)
+    with pytest.raises(TrainingError, match=r"(?s)NaN or Inf values at step 5.*last good checkpoint: "
+                                            r".*checkpoint_00000003") as err:
+        run_training(poisoned, shards=train_shards, models_dir=tmp_path / "models", base=tmp_path)
+    assert isinstance(err.value.__cause__, FloatingPointError)  # Ray's fit returned: no worker raised
+    assert not (tmp_path / "models").exists()
+    folders = (tmp_path / "checkpoints" / "poisoned").glob("checkpoint_*")
+    assert sorted(p.name for p in folders if p.is_dir()) == ["checkpoint_00000003"]
+    import mlflow
+
+    client = mlflow.MlflowClient(sqlite_uri(tmp_path))
+    run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
+    assert run.info.status == "FAILED" and logged_steps(sqlite_uri(tmp_path), run.info.run_id) == [2, 4]
 
 
 def test_a_v1_model_trains_through_the_same_job(local_ray, train_shards, pairs, tmp_path):

@@ -32,10 +32,12 @@ class Stage:
 
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.data.errors import DataError
-        from pipeline.params import load_params
+        from pipeline.params import load_params, validate_params
 
         try:
-            summary = self.body(load_params(args.params), **{name: getattr(args, name) for name in self.files})
+            params = load_params(args.params)
+            validate_params(params)  # every section, whichever this stage reads: a bad value fails before any work
+            summary = self.body(params, **{name: getattr(args, name) for name in self.files})
         except (DataError, ValueError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from None
         print(f"{self.NAME}: {summary}")

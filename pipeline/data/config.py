@@ -30,7 +30,7 @@ class DataConfig:
     source: str = "synthetic"
     root: str | None = None  # dataset folder of a real source; unused by synthetic
     task: str = "mask"  # mask | edge | pose
-    image_size: tuple[int, int] = (64, 64)  # (H, W) of everything written to shards
+    image_size: int | tuple[int, int] = (64, 64)  # (H, W) of everything written to shards (an int: square)
     label_nc: int = 12  # channels of x_A: classes incl. 0 for masks, 1 for edges, 20 for pose
     seed: int = 0
     source_options: Mapping[str, Any] = field(default_factory=dict)

@@ -22,17 +22,48 @@ from pipeline.data.errors import DataError, SkipSample
 PNG_COMPRESSION = 3  # zlib level: fast to write, small enough; fixed for byte-identical output
 
 
+# ---------------------------------------------------------------- image modes
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow opens 16-bit grey PNG/TIFF as one of these
+CONVERTIBLE_MODES = ("1", "L", "P", "LA", "La", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+
+
+class UnsupportedMode(ValueError):
+    """An image mode that cannot be turned into 8-bit pixels without guessing (float, LAB, HSV, ...)."""
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey scaled to 8 bits (Pillow's own convert clips it: a 16-bit photo became white); other modes as
+    they are. UnsupportedMode names a mode that neither Pillow nor this converts."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnsupportedMode(f"{image.mode} image with values outside 0..65535 (not 16-bit grey)")
+        return Image.fromarray(((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.mode not in CONVERTIBLE_MODES:
+        raise UnsupportedMode(f"image mode {image.mode} is not supported (use 8/16-bit grey, palette, RGB(A), CMYK)")
+    return image
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """Any supported mode -> (H, W, 3) uint8 RGB: 16-bit grey scaled, palette and CMYK converted, alpha dropped."""
+    return np.asarray(eight_bit(image).convert("RGB"))
+
+
 # ---------------------------------------------------------------- reading source files (may skip)
 
 
 def read_photo(path: str | Path) -> np.ndarray:
-    """Decode a photo file -> (H, W, 3) uint8 RGB; corrupt or truncated files raise SkipSample."""
+    """Decode a photo file -> (H, W, 3) uint8 RGB; corrupt or truncated files and unsupported modes raise
+    SkipSample."""
     try:
         with Image.open(path) as im:
             im.load()  # forces the full decode: truncated files fail here, not later
-            return np.asarray(im.convert("RGB"))
+            return rgb_array(im)
     except FileNotFoundError:
         raise SkipSample(str(path), "photo file is missing") from None
+    except UnsupportedMode as exc:
+        raise SkipSample(str(path), str(exc)) from None
     except Exception as exc:  # PIL raises many types for bad data; all mean "unusable file"
         raise SkipSample(str(path), f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
 
@@ -54,13 +85,15 @@ def read_label_png(path: str | Path) -> np.ndarray:
 
 
 def read_gray(path: str | Path) -> np.ndarray:
-    """Decode any image as (H, W) uint8 grey (part masks)."""
+    """Decode any supported image as (H, W) uint8 grey (part masks, edge maps); 16-bit grey is scaled."""
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("L"))
+            return np.asarray(eight_bit(im).convert("L"))
     except FileNotFoundError:
         raise SkipSample(str(path), "file is missing") from None
+    except UnsupportedMode as exc:
+        raise SkipSample(str(path), str(exc)) from None
     except Exception as exc:
         raise SkipSample(str(path), f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
 

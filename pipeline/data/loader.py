@@ -16,12 +16,14 @@ An epoch is a function of (seed, epoch): the shard order, each worker's shuffle 
 seed, epoch, key) its pair (pseudo with probability 1 - real_exemplar_prob) and its pseudo exemplar (epochs walk
 a per-key permutation of the stored ones): a resumed run replays it. Shards go to ranks (RANK/WORLD_SIZE, as
 Ray Train sets them), then to DataLoader workers: an epoch over all of them reads every sample exactly once.
-Only the members a sample shows are read, decoded as JPEG, PNG, NPY (allow_pickle=False) or JSON: no pickle.
+Each process checks a shard's size and sha256 against the manifest when it first opens it (verify=). Only the
+members a sample shows are read, decoded as JPEG, PNG, NPY (allow_pickle=False) or JSON: no pickle.
 The stages that depend on the epoch read it from a multiprocessing.Value, which persistent workers see change.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import multiprocessing
 import os
@@ -48,12 +50,33 @@ def pseudo_variant(key: str, variants: int, seed: int, epoch: int) -> int:
     return random.Random(stable_hash(seed, "variants", cycle, key)).sample(range(variants), variants)[position]
 
 
-def epoch_shards(paths: list[str], seed: int, epoch: Any, shuffle: bool) -> Iterator[dict[str, str]]:
-    """{"url": path} of every shard in this epoch's order (the same on every rank, so rank slices partition it)."""
-    order = list(paths)
+def epoch_shards(shards: dict[str, dict[str, Any]], seed: int, epoch: Any, shuffle: bool) -> Iterator[dict[str, Any]]:
+    """{"url": path, "manifest": its manifest entry} of every shard in this epoch's order (the same on every rank, so
+    rank slices partition it)."""
+    order = list(shards)
     if shuffle:
         random.Random(stable_hash(seed, "shards", epoch.value)).shuffle(order)
-    yield from ({"url": url} for url in order)
+    yield from ({"url": url, "manifest": shards[url]} for url in order)
+
+
+VERIFY = ("full", "size", "none")
+
+
+@functools.lru_cache(maxsize=None)
+def verify_shard(url: str, version: tuple[int, int], sha256: str, size: int, verify: str) -> None:
+    """Check a shard against its manifest entry once per process and file version (mtime, size): "size" compares
+    the byte count, "full" also the sha256 (one read of the file: a flipped byte or another shard under this name)."""
+    if verify != "none" and version[1] != size:
+        raise DataError(f"{url}: {version[1]} bytes, the manifest says {size}: the shard is truncated or was replaced "
+                        f"(re-run `dvc repro shard`)")
+    if verify == "full":
+        digest = hashlib.sha256()
+        with open(url, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            raise DataError(f"{url}: sha256 {digest.hexdigest()[:16]}... differs from the manifest's {sha256[:16]}...: "
+                            f"the shard is corrupt or another file took its name (re-run `dvc repro shard`)")
 
 
 def epoch_shuffle(samples: Iterator[dict], buffer: int, seed: int, epoch: Any) -> Iterator[dict]:
@@ -77,15 +100,31 @@ def tar_index(url: str, version: tuple[int, int]) -> tuple[tuple[str, dict[str, 
     return tuple(samples.items())
 
 
-def read_tars(shards: Iterator[dict[str, str]], members_of: Callable[[str], list[str]]) -> Iterator[dict]:
-    """{"url"} -> samples {"__key__", "__url__", member: bytes} of the members members_of(key) names, one read each.
-    (wds.tarfile_to_samples streams every byte of every member: with several pseudo exemplars per sample, that
-    cost as much CPU as decoding.)"""
+def verify_split(shards: str | Path, split: str, verify: str = "full") -> None:
+    """Verify every shard of a split now (verify_shard): the training driver does it before it starts Ray, so that
+    a bad shard fails the run once instead of a worker that Ray would restart."""
+    manifest, shard_dir = read_manifest(shards)
+    for entry in manifest["splits"].get(split, {}).get("shards", []):
+        path = shard_dir / entry["name"]
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise DataError(f"{path}: listed in the manifest but missing (re-run `dvc repro shard`)") from None
+        verify_shard(str(path), (stat.st_mtime_ns, stat.st_size), entry["sha256"], entry["bytes"], verify)
+
+
+def read_tars(shards: Iterator[dict[str, Any]], members_of: Callable[[str], list[str]],
+              verify: str = "full") -> Iterator[dict]:
+    """{"url", "manifest"} -> samples {"__key__", "__url__", member: bytes} of the members members_of(key) names, one
+    read each, from a shard verified against its manifest entry (verify_shard). (wds.tarfile_to_samples streams
+    every byte of every member: with several pseudo exemplars per sample, that cost as much CPU as decoding.)"""
     for shard in shards:
-        url = shard["url"]
+        url, entry = shard["url"], shard["manifest"]
         with open(url, "rb") as stream:
-            version = os.fstat(stream.fileno())
-            for key, members in tar_index(url, (version.st_mtime_ns, version.st_size)):
+            stat = os.fstat(stream.fileno())
+            version = (stat.st_mtime_ns, stat.st_size)
+            verify_shard(url, version, entry["sha256"], entry["bytes"], verify)
+            for key, members in tar_index(url, version):
                 sample = {"__key__": key, "__url__": url}
                 for name in members_of(key):
                     if name not in members:
@@ -193,13 +232,16 @@ def to_model(batch: dict[str, Any], label_nc: int, device: torch.device | str = 
 class ShardLoader:
     """Compact batches of one split of a shard folder (or its manifest.json), epoch after epoch: each iter() is one
     epoch, numbered from 0 unless set_epoch(). shuffle: default True for "train". pin_memory: for a CUDA device
-    (to_model then copies asynchronously). See the module docstring."""
+    (to_model then copies asynchronously). verify: each shard against its manifest entry when this process first
+    opens it: "full" (sha256 and size, the default: one extra read), "size", or "none". See the module docstring."""
 
     def __init__(self, shards: str | Path, *, batch_size: int, split: str = "train", real_exemplar_prob: float = 0.0,
                  with_flow: bool = False, num_workers: int = 2, seed: int = 0, shuffle: bool | None = None,
-                 shuffle_buffer: int = 256, pin_memory: bool = False, prefetch_factor: int = 2):
+                 shuffle_buffer: int = 256, pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "full"):
         if not 0.0 <= real_exemplar_prob <= 1.0 or batch_size < 1:
             raise ValueError(f"need 0 <= real_exemplar_prob <= 1, batch_size >= 1: {real_exemplar_prob}, {batch_size}")
+        if verify not in VERIFY:
+            raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
         manifest, shard_dir = read_manifest(shards)
         info = manifest["splits"].get(split)
         if not info or not info["shards"]:
@@ -217,8 +259,9 @@ class ShardLoader:
         self.epoch, self.shared_epoch = 0, multiprocessing.Value("q", 0, lock=False)
         decoder = BatchDecoder(manifest, real_exemplar_prob, seed, self.shared_epoch, with_flow)
         shuffle = split == "train" if shuffle is None else shuffle
-        stages = [functools.partial(epoch_shards, self.paths, seed, self.shared_epoch, shuffle), wds.split_by_node,
-                  wds.split_by_worker, functools.partial(read_tars, members_of=decoder.members)]
+        entries = dict(zip(self.paths, info["shards"]))
+        stages = [functools.partial(epoch_shards, entries, seed, self.shared_epoch, shuffle), wds.split_by_node,
+                  wds.split_by_worker, functools.partial(read_tars, members_of=decoder.members, verify=verify)]
         if shuffle and shuffle_buffer > 1:
             stages.append(functools.partial(epoch_shuffle, buffer=shuffle_buffer, seed=seed, epoch=self.shared_epoch))
         stages.append(wds.batched(batch_size, collation_fn=decoder, partial=True))

@@ -4,8 +4,9 @@ One sample per image, key "<source>/<name>", members as pipeline/data/schema.py 
 exemplar and its map, and `shard.pseudo_per_image` pseudo exemplars, each with its map and exact flow (the
 loader picks one per epoch).
 
-Every shard is written under a temporary name and renamed when complete, so an interrupted run
-resumes by skipping the shards that exist. Everything is a function of (prepared data, params,
+Every shard is written under a temporary name, hashed, renamed when complete, and only then entered with its sha256
+and size in completed.json: a run keeps an existing tar only when that record vouches for its bytes (an interrupted
+run resumes, a truncated or altered tar is rewritten). Everything is a function of (prepared data, params,
 seed, code): the same inputs give byte-identical shards (tar headers zeroed, fixed encoders,
 per-sample seeds from the key). manifest.json lists shards, sample counts, sha256 and params;
 reports/shard_report.json lists every skipped file with its reason.
@@ -42,6 +43,7 @@ FORMAT = SHARD_FORMAT
 SPLITS = ("train", "val")
 # Every image's shard.retrieval_top_k nearest training images, in the official CoCosNet list format
 RETRIEVAL_LISTS = {"train": "retrieval_train.txt", "val": "retrieval_val.txt"}
+COMPLETED = "completed.json"  # {shard name: {samples, sha256, bytes}} of every tar this stage finished writing
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,9 @@ def tar_member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
-    """Write samples to `path` via a temporary file renamed at the end. -> number of samples."""
+def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict[str, Any]:
+    """Write samples to `path` via a temporary file renamed at the end. -> its completion record: samples, sha256,
+    bytes (hashed before the rename)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
     try:
@@ -215,10 +218,11 @@ def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> in
                     count += 1
             f.flush()
             os.fsync(f.fileno())
+        record = {"samples": count, "sha256": sha256_file(temporary), "bytes": temporary.stat().st_size}
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return count
+    return record
 
 
 _WORKER_PREPARED: Prepared | None = None
@@ -233,10 +237,10 @@ def _worker_init(prepared_dir: str) -> None:
     _WORKER_PREPARED = Prepared(prepared_dir)
 
 
-def _write_planned_shard(shard: PlannedShard, out_dir: str, cfg: ShardConfig, seed: int) -> tuple[str, int]:
+def _write_planned_shard(shard: PlannedShard, out_dir: str, cfg: ShardConfig, seed: int) -> dict[str, Any]:
     prepared = _WORKER_PREPARED
     samples = (build_sample(prepared, s, cfg, seed) for s in shard.samples)
-    return shard.name, write_tar(Path(out_dir) / shard.name, samples)
+    return write_tar(Path(out_dir) / shard.name, samples)
 
 
 def sha256_file(path: Path) -> str:
@@ -245,6 +249,21 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def finished_shards(out_dir: Path, shards: list[PlannedShard]) -> dict[str, dict[str, Any]]:
+    """The completion records (COMPLETED) of the planned shards whose tar is there with exactly the recorded size and
+    sha256; any other tar under a planned name (truncated, altered, or never recorded) is removed."""
+    records = read_json(out_dir / COMPLETED) if (out_dir / COMPLETED).exists() else {}
+    finished = {}
+    for shard in shards:
+        path, record = out_dir / shard.name, records.get(shard.name)
+        if record and path.exists() and path.stat().st_size == record["bytes"] and \
+                record["samples"] == len(shard.samples) and sha256_file(path) == record["sha256"]:
+            finished[shard.name] = record
+        else:
+            path.unlink(missing_ok=True)
+    return finished
 
 
 def check_skipped(prepared: Prepared, cfg: ShardConfig) -> dict[str, Any]:
@@ -288,18 +307,24 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
                             "seed": seed, "code": code_version()})
     out_dir.mkdir(parents=True, exist_ok=True)
     owned = tuple(p.name for p in out_dir.glob("*.tar")) + tuple(p.name for p in out_dir.glob(".*.tmp"))
-    reset_if_stale(out_dir, expected, owned=owned + ("manifest.json", *RETRIEVAL_LISTS.values()))
+    reset_if_stale(out_dir, expected, owned=owned + ("manifest.json", COMPLETED, *RETRIEVAL_LISTS.values()))
     for stale in out_dir.glob(".*.tar.*.tmp"):  # left by an interrupted run
         stale.unlink()
 
-    todo = [s for s in shards if not (out_dir / s.name).exists()]
+    records = finished_shards(out_dir, shards)
+
+    def completed(name: str, record: dict[str, Any]) -> None:
+        records[name] = record
+        atomic_write_json(out_dir / COMPLETED, records, durable=False)
+
+    todo = [s for s in shards if s.name not in records]
     total = sum(len(s.samples) for s in shards)
     with tqdm(total=total, desc="shard", unit="sample", disable=not progress) as bar:
         bar.update(total - sum(len(s.samples) for s in todo))  # resumed: complete shards are skipped
         if cfg.num_workers <= 1 or len(todo) <= 1:
             for shard in todo:
                 samples = (build_sample(prepared, s, cfg, seed) for s in shard.samples)
-                write_tar(out_dir / shard.name, _counting(samples, bar))
+                completed(shard.name, write_tar(out_dir / shard.name, _counting(samples, bar)))
         else:
             context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
             with concurrent.futures.ProcessPoolExecutor(min(cfg.num_workers, len(todo)), mp_context=context,
@@ -307,7 +332,7 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
                                                         initargs=(str(prepared.directory),)) as pool:
                 futures = {pool.submit(_write_planned_shard, s, str(out_dir), cfg, seed): s for s in todo}
                 for future in concurrent.futures.as_completed(futures):
-                    future.result()
+                    completed(futures[future].name, future.result())
                     bar.update(len(futures[future].samples))
 
     for split, text in pairing_stats["retrieval_lists"].items():
@@ -324,10 +349,7 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
         "pseudo_per_image": cfg.pseudo_per_image,
         "splits": {split: {"samples": sum(len(s.samples) for s in shards if s.split == split),
                            "images": pairing_stats["images"][split],
-                           "shards": [{"name": s.name, "samples": len(s.samples),
-                                       "sha256": sha256_file(out_dir / s.name),
-                                       "bytes": (out_dir / s.name).stat().st_size}
-                                      for s in shards if s.split == split]}
+                           "shards": [{"name": s.name, **records[s.name]} for s in shards if s.split == split]}
                    for split in SPLITS},
         "skipped": {"count": skip_stats["count"], "fraction": round(skip_stats["fraction"], 6),
                     "reasons": skip_stats["reasons"]},

@@ -1,6 +1,7 @@
-"""The worker loop's test instrumentation, on only with `train.audit` (AuditConfig): a fault drill, and at every
-checkpoint the proof that DDP ranks stay bitwise in sync and read disjoint data. Costs an all-gather of every
-sample key per checkpoint, so real runs leave it off (train.audit: null), and every method then does nothing."""
+"""The worker loop's test instrumentation, on only with `train.audit` (AuditConfig): a fault drill, a guard drill (NaN
+in a weight), and at every checkpoint the proof that DDP ranks stay bitwise in sync and read disjoint data. Costs an
+all-gather of every sample key per checkpoint, so real runs leave it off (train.audit: null), and every method then
+does nothing."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -29,10 +30,13 @@ class Audit:
         self.cfg, self.rank, self.world_size, self.resumed = cfg, rank, world_size, resumed
         self.keys: set[tuple[int, str]] = set()  # (epoch, key) read since the last checkpoint
 
-    def before_step(self, step: int, last_checkpoint: int) -> None:
+    def before_step(self, step: int, last_checkpoint: int, parts: TrainParts) -> None:
         if self.cfg and step == self.cfg.fail_at_step and self.rank == 0 and not self.resumed:
             raise RuntimeError(f"fault drill: train.audit.fail_at_step={step} (a restart resumes from step "
                                f"{last_checkpoint})")
+        if self.cfg and step == self.cfg.nan_at_step:  # on every rank, as DDP keeps the weights equal
+            with torch.no_grad():
+                next(unwrap(parts.net).parameters()).view(-1)[0] = float("nan")
 
     def read(self, epoch: int, keys: Iterable[str]) -> None:
         if self.cfg:

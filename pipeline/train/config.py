@@ -26,6 +26,7 @@ class AuditConfig:
     of every key read), and rank 0 can fail on purpose once."""
 
     fail_at_step: int | None = None  # fault drill: rank 0 raises before this step (not after a restore)
+    nan_at_step: int | None = None  # guard drill: a generator weight turns NaN before this step (every rank)
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,14 @@ class TrainConfig:
     real_exemplar_prob: float = 0.2  # share of real exemplars; the rest are pseudo pairs (x_B distorted)
     vgg_weights: str = "random"  # path to vgg19_conv.pth / torchvision VGG19, "imagenet", or "random"
     loss: Mapping[str, float] = field(default_factory=dict)  # overrides of model.losses.LossWeights
+    # Divergence guard (pipeline/train/guard.py): stop when |G or D total loss| exceeds divergence_factor x its
+    # running median (at least 1), judged once divergence_warmup steps set the median; null: off
+    divergence_factor: float | None = 20.0
+    divergence_warmup: int = 1
 
     # --- data
     loader_workers: int = 0  # DataLoader processes per Ray worker (each rank reads its own shards)
+    verify_shards: Literal["full", "size", "none"] = "full"  # each shard against the manifest, once per process
 
     # --- Ray Train
     ray_address: str = "local"  # "local": start a small Ray here; anything else: join that cluster
@@ -76,7 +82,7 @@ class TrainConfig:
             object.__setattr__(self, "audit", from_mapping(AuditConfig, self.audit, "train.audit"))
         LossWeights.from_dict(self.loss)  # unknown or negative weights fail here, not in a worker
         positive = ("steps", "batch_size", "workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
-                    "log_every", "image_every", "grid_samples")
+                    "log_every", "image_every", "grid_samples", "divergence_warmup")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"params.yaml train.{name} must be >= 1, got {getattr(self, name)}")
@@ -87,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"params.yaml train.lr and train.g_adam_eps must be > 0, got {self.lr}, {self.g_adam_eps}")
         if self.schedule not in ("ttur", "official"):
             raise ValueError(f"params.yaml train.schedule must be ttur or official, got {self.schedule!r}")
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise ValueError(f"params.yaml train.divergence_factor must be > 1 (or null: off), got {self.divergence_factor}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"params.yaml train.amp must be none, bf16 or fp16, got {self.amp!r}")
         if not 0.0 <= self.real_exemplar_prob <= 1.0:
@@ -137,10 +145,8 @@ def model_config_from_params(model: Mapping[str, Any], manifest: Mapping[str, An
         if name in model:
             raise ValueError(f"params.yaml model.{name}: the model takes it from the shards' manifest "
                              f"({manifest[name]}); set data.{name} and re-run the data stages instead")
-    try:
-        return ModelConfig.from_dict({**model, "image_size": manifest["image_size"], "label_nc": manifest["label_nc"]})
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"params.yaml model: {err}") from err
+    from_manifest = {"image_size": tuple(manifest["image_size"]), "label_nc": manifest["label_nc"]}
+    return from_mapping(ModelConfig, {**model, **from_manifest}, "model")
 
 
 def configs_from_params(params: Mapping[str, Any],

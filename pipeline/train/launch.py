@@ -28,6 +28,7 @@ import pipeline as pipeline_package
 from model import ModelConfig
 from pipeline import tracking, viz
 from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
+from pipeline.data.loader import verify_split
 from pipeline.data.schema import read_manifest
 from pipeline.model_files import export_model
 from pipeline.tracking import MlflowConfig
@@ -182,6 +183,7 @@ def resolve(params: Mapping[str, Any], shards: str | Path = "data/shards", base:
     shard_dir = (base / shards).resolve()
     manifest, _ = read_manifest(shard_dir)
     train_cfg, model_cfg, mlflow_cfg = configs_from_params(params, manifest)
+    verify_split(shard_dir, "train", train_cfg.verify_shards)  # a bad shard is no worker failure for Ray to retry
     if train_cfg.vgg_weights not in ("random", "imagenet"):
         train_cfg = dataclasses.replace(train_cfg, vgg_weights=str((base / train_cfg.vgg_weights).resolve()))
     resume_from = train_cfg.resume_from
@@ -227,6 +229,9 @@ def fit(plan: Plan) -> tuple[str, ray.train.Result, float]:
     start = time.perf_counter()
     try:
         result = trainer.fit()
+        stopped = (result.return_value or {}).get("stopped")
+        if stopped:  # a guard stopped every worker (pipeline/train/guard.py): deterministic, so not retried
+            raise FloatingPointError(stopped)
     except KeyboardInterrupt:
         tracking.end_run(uri, run_id, "KILLED")
         raise

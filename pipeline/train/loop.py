@@ -37,8 +37,8 @@ from pipeline.train.audit import Audit
 from pipeline.train.checkpoint import (DataPosition, find_checkpoint, restore_rank_state, restore_training_state,
                                        save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import (NonFiniteLossError, TrainParts, build_parts, set_rates, train_step,
-                                 unwrap)
+from pipeline.train.guard import DivergenceGuard, TrainingHealthError, check_state
+from pipeline.train.step import TrainParts, build_parts, set_rates, train_step, unwrap
 from pipeline.viz import sample_grid
 
 
@@ -169,7 +169,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     loader = make_loader(config["shards"], batch_size=cfg.batch_size, split="train",
                          real_exemplar_prob=cfg.real_exemplar_prob, num_workers=cfg.loader_workers, seed=cfg.seed,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", verify=cfg.verify_shards)
     if (loader.rank, loader.world_size) != (rank, world_size):  # it splits shards by RANK/WORLD_SIZE
         raise RuntimeError(f"rank {rank} of {world_size}: the environment says {loader.rank} of {loader.world_size}")
     start_step, position, source = restore(parts, config, rank)
@@ -193,17 +193,26 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     samples_per_step = cfg.batch_size * world_size
     log_window, report_window = Window(), Window()
     reported, last_checkpoint = False, start_step
+    divergence = DivergenceGuard(cfg.divergence_factor, cfg.divergence_warmup)
     for step in range(start_step + 1, cfg.steps + 1):
-        audit.before_step(step, last_checkpoint)
+        audit.before_step(step, last_checkpoint, parts)
         batch = to_model(next(stream), model_cfg.label_nc, device)
         audit.read(position.epoch, batch["key"])
         rates = cfg.rates(step, position.epoch)
         set_rates(parts, *rates)
+        checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
         try:
             losses, out = train_step(parts, batch, step)
-        except NonFiniteLossError as err:
+            divergence.check(losses, step)
+            if checkpoint:
+                check_state(parts, step)  # never a checkpoint of a broken state
+        except TrainingHealthError as err:
+            # Deterministic, and alike on every rank (losses are the ranks' mean, DDP keeps the weights equal): all
+            # return, so Ray does not retry it from the last checkpoint; the driver fails the run with this message.
             say(f"rank {rank}: {err}. Last good checkpoint: after step {last_checkpoint}")
-            raise
+            if run:
+                tracking.end_active_run()
+            return {"stopped": str(err), "step": step, "last_checkpoint": last_checkpoint}
         log_window.add(losses)
         report_window.add(losses)
 
@@ -217,7 +226,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0 and run and (step % cfg.image_every == 0 or step == cfg.steps):
             tracking.log_grid(sample_grid(batch, out.image, out.warped, cfg.grid_samples), step)
 
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if checkpoint:
             metrics = report_window.take(samples_per_step) | audit.at_checkpoint(parts)
             report(parts, step, position, rank, metrics | {"step": step, "world_size": world_size}, meta,
                    name=f"checkpoint_{step:08d}")

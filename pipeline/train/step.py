@@ -12,21 +12,23 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from model import CoCosNet, CoCosNetOutput, ModelConfig
 from model.discriminator import MultiscaleDiscriminator
 from model.losses import CoCosNetLoss, LossWeights
 from model.vgg import VGG19
+from pipeline.train.guard import ADVICE, NonFiniteActivationError, TrainingHealthError, check_gradients, \
+    diagnose_forward
 
-class NonFiniteLossError(FloatingPointError):
+
+class NonFiniteLossError(TrainingHealthError):
     """A loss term became NaN or Inf; no update was applied for this step."""
 
     def __init__(self, term: str, value: float, step: int | None = None):
-        self.term, self.value, self.step = term, value, step
-        where = f" at step {step}" if step is not None else ""
-        super().__init__(f"loss term {term!r} is {value}{where}; training stopped before applying this update "
-                         f"(the last checkpoint is the last good state)")
+        super().__init__(f"loss term {term!r}", step, f"is {value}")
+        self.term, self.value = term, value
 
 
 @dataclass
@@ -106,9 +108,13 @@ def _autocast(parts: TrainParts):
 
 
 def _checked_values(terms: Mapping[str, torch.Tensor], prefix: str, step: int | None) -> dict[str, float]:
-    """Loss terms as floats (one device sync for all); NonFiniteLossError names the first bad term."""
+    """Loss terms as floats, the mean over DDP ranks (one device sync for all), so that every rank takes the same
+    decision; NonFiniteLossError names the first bad term."""
     names = [f"{prefix}/{name}" for name in terms] + [f"{prefix}/total"]
     stacked = torch.stack([v.detach().float().reshape(()) for v in terms.values()] or [torch.zeros(())])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
     values = stacked.tolist()[: len(terms)]
     values.append(sum(values))
     for name, value in zip(names, values):
@@ -117,11 +123,27 @@ def _checked_values(terms: Mapping[str, torch.Tensor], prefix: str, step: int | 
     return dict(zip(names, values))
 
 
-def _update(total: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+def _update(total: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, module: nn.Module,
+            label: str, step: int | None) -> None:
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
+    if not scaler.is_enabled():  # fp16 loss scaling skips a step whose gradients overflow: normal, not a failure
+        check_gradients(unwrap(module), label, step)  # DDP has averaged them: every rank decides alike
     scaler.step(optimizer)
     scaler.update()
+
+
+def _generate(parts: TrainParts, batch: Mapping[str, torch.Tensor], step: int | None) -> CoCosNetOutput:
+    """The generator's forward pass; when it fails on non-finite values (e.g. NaN indices inside PatchMatch after
+    a diverged update) NonFiniteActivationError names the first layer whose output is not finite."""
+    inputs = (batch["input_map"], batch["exemplar"], batch["exemplar_map"])
+    try:
+        return parts.net(*inputs, target=batch["image"])
+    except Exception as err:
+        layer = diagnose_forward(unwrap(parts.net), *inputs, target=batch["image"])
+        if layer is None:
+            raise
+        raise NonFiniteActivationError(f"the output of net.{layer}", step, "holds NaN or Inf values", ADVICE) from err
 
 
 def train_step(parts: TrainParts, batch: Mapping[str, torch.Tensor],
@@ -131,17 +153,19 @@ def train_step(parts: TrainParts, batch: Mapping[str, torch.Tensor],
     Pseudo pairs (batch["is_pseudo"]) carry the pixel-level terms (VGG feature matching, warp-to-target)
     and real-exemplar pairs do not: the loss weights each sample by is_pseudo, as in the paper.
     -> ({"g/<term>": float, ..., "g/total", "d/d_fake", "d/d_real", "d/total"}, generator output).
-    Raises NonFiniteLossError before any update when a term is NaN/Inf.
+    Raises NonFiniteLossError before any update when a term is NaN/Inf, NonFiniteGradientError before an update
+    whose gradients are NaN/Inf (without fp16 loss scaling), NonFiniteActivationError when the forward fails on
+    non-finite values: all TrainingHealthError.
     """
     with _autocast(parts):
-        out = parts.net(batch["input_map"], batch["exemplar"], batch["exemplar_map"], target=batch["image"])
+        out = _generate(parts, batch, step)
         g_total, g_terms = parts.g_loss.generator_loss(batch, out)
     losses = _checked_values(g_terms, "g", step)
-    _update(g_total, parts.opt_g, parts.scaler_g)
+    _update(g_total, parts.opt_g, parts.scaler_g, parts.net, "net", step)
 
     with _autocast(parts):
         d_total, d_terms = parts.d_loss.discriminator_loss(batch, out.image.detach())
     losses |= _checked_values(d_terms, "d", step)
     if d_terms:  # no terms when the GAN weight is 0: nothing to train the discriminator on
-        _update(d_total, parts.opt_d, parts.scaler_d)
+        _update(d_total, parts.opt_d, parts.scaler_d, parts.discriminator, "discriminator", step)
     return losses, out
