@@ -33,7 +33,7 @@ from tests.test_train_step import TINY_MODEL
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS = 10
+STEPS = 8
 TIMEOUT_S = 300
 
 
@@ -87,8 +87,12 @@ def wait_for(condition, what: str, stage: subprocess.Popen, timeout: float = TIM
 
 
 def first_checkpoint(run_root: Path) -> Path | None:
+    """The run's latest checkpoint once Ray Train has registered it (a checkpoint on disk that its controller has
+    not yet recorded in the run's snapshot is not one a restart resumes from)."""
     try:
-        return find_checkpoint(next(p for p in run_root.iterdir() if p.is_dir()))
+        checkpoint = find_checkpoint(next(p for p in run_root.iterdir() if p.is_dir()))
+        return checkpoint if checkpoint.name in (checkpoint.parent / "checkpoint_manager_snapshot.json").read_text() \
+            else None
     except (StopIteration, FileNotFoundError, ValueError):
         return None
 
@@ -209,7 +213,7 @@ def test_the_stage_trains_on_a_cli_cluster_and_finishes_after_losing_a_node(clus
         if stage.poll() is None:
             stage.kill()
     assert code == 0, output[-6000:]
-    assert "resumed after step" in output  # Ray Train restarted the group from the last checkpoint
+    assert "resumed after step 3" in output  # Ray Train restarted the group from the last checkpoint
     run = read_run_info(tmp_path / "models")
     assert run["step"] == STEPS
     client = mlflow.MlflowClient(run["tracking_uri"])
@@ -240,6 +244,7 @@ def test_joining_without_the_token_fails_and_says_what_to_do(cluster, train_shar
 
 
 def test_sigterm_kills_the_run_and_the_next_run_continues_it(train_shards, tmp_path):
+    """SIGTERM to the stage; then a re-run whose parent dies as a killed `dvc repro` does; then a run that ends."""
     write_params(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     stage = start_stage(tmp_path, train_shards, stage_env())
@@ -267,9 +272,30 @@ def test_sigterm_kills_the_run_and_the_next_run_continues_it(train_shards, tmp_p
     assert killed_at and killed_at[-1] < STEPS
     assert first_checkpoint(tmp_path / "checkpoints") is not None  # kept
 
+    # DVC runs the stage as its child (`$SHELL -c cmd` execs it) with DVC_STAGE set; when DVC is killed the
+    # stage must stop too. Here the parent is a shell that does not exec, killed once training is under way.
+    parent = subprocess.Popen(["sh", "-c", f"{sys.executable} -m stages.train --params params.yaml --shards "
+                               f"{train_shards} --out models > stage.log 2>&1; exit 0"],
+                              cwd=tmp_path, env=stage_env(DVC_STAGE="train"))
+    parent.log = tmp_path / "stage.log"  # type: ignore[attr-defined]
+    try:
+        wait_for(lambda: "resumed after step" in parent.log.read_text(), "resumed training", parent)
+        (child,) = psutil.Process(parent.pid).children()
+        parent.kill()
+        parent.wait()
+        child.wait(timeout=120)  # (not our child: its exit code is the shell's to read)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    output = parent.log.read_text()
+    assert f"continuing MLflow run {run.info.run_id}" in output and "the parent process is gone" in output
+    assert "ended KILLED" in output and "cocosnet train: interrupted" in output
+    (run,) = runs(uri)
+    assert run.info.status == "KILLED"
+
     code, output = finish(start_stage(tmp_path, train_shards, stage_env()))
     assert code == 0, output[-6000:]
-    assert f"continuing MLflow run {run.info.run_id}" in output
+    assert f"continuing MLflow run {run.info.run_id}" in output and "resumed after step" in output
     (resumed,) = runs(uri)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert logged_steps(uri, run.info.run_id) == list(range(1, STEPS + 1))  # no step logged twice
