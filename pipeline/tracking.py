@@ -2,8 +2,8 @@
 model (pipeline/pyfunc_model.py), and the evaluation published to the model's run.
 
 The training driver creates the run (params, tags); Ray's rank 0 logs into it during training (losses, throughput,
-grids); the driver logs the final model from its own source tree; the evaluate stage publishes its Evaluation into the same run. Models are read back with
-pipeline.model_files.load_model.
+grids); the driver logs the final model from its own source tree; the evaluate stage publishes its Evaluation into
+the same run. Models are read back with pipeline.model_files.load_model.
 
 Tracking URI: params `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, with the
 artifacts of new experiments in mlartifacts/ when the store is local.
@@ -124,6 +124,14 @@ def create_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str,
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[start : start + 100])
     return run.info.run_id
+
+
+def reopen_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """An interrupted run RUNNING again (it is being continued), with `tags` set."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.update_run(run_id, status="RUNNING")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

@@ -115,7 +115,8 @@ def listening(processes: list[psutil.Process]) -> set[str]:
             connections = process.net_connections(kind="tcp")
         except psutil.Error:
             continue
-        found |= {f"{c.laddr.ip}:{c.laddr.port} {process.name()}" for c in connections if c.status == psutil.CONN_LISTEN}
+        found |= {f"{c.laddr.ip}:{c.laddr.port} {process.name()}" for c in connections
+                  if c.status == psutil.CONN_LISTEN}
     return found
 
 

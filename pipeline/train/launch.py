@@ -141,7 +141,8 @@ def present_ray_token() -> bool:
     except ImportError:  # a Ray without token authentication
         return False
     quiet = logging.getLogger(auth.__name__)
-    level, quiet.level = quiet.level, logging.ERROR  # its warning speaks of starting a cluster, not joining one
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning speaks of starting a cluster, not of joining one
     try:
         return auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     finally:
@@ -175,8 +176,9 @@ def ray_session(cfg: TrainConfig) -> Iterator[None]:
         with loopback_only():  # Ray 2.60 also turns token authentication on for a new local Ray
             ray.init(**local_ray_options(temp_dir=temp_dir))
     else:
-        token = present_ray_token()
+        token = False
         try:
+            token = present_ray_token()
             ray.init(address=cfg.ray_address, logging_level=logging.ERROR, runtime_env=runtime_env(local=False))
         except Exception as err:  # ConnectionError, AuthenticationError, ValueError of a bad address
             raise TrainingError(join_advice(cfg.ray_address, err, token)) from err
@@ -211,7 +213,8 @@ def describe_failure(err: Exception, run_dir: str) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
     cause = next((line for line in lines if "NonFiniteLossError" in line), lines[-1])
     try:
-        last = f"last good checkpoint: {find_checkpoint(run_dir)} (run again to continue it: train.resume: auto, or set train.resume_from)"
+        last = (f"last good checkpoint: {find_checkpoint(run_dir)} (run again to continue it, train.resume: auto; "
+                f"or set train.resume_from)")
     except (FileNotFoundError, ValueError):
         last = "no checkpoint was written"
     return f"training failed: {cause}\n{last}"
@@ -350,8 +353,8 @@ def driver_alive(driver: str | None) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -385,10 +388,7 @@ def start_run(plan: Plan) -> tuple[Plan, str]:
         else None
     if previous is not None:
         run, checkpoint = previous
-        client = tracking.mlflow.MlflowClient(uri)
-        client.update_run(run.info.run_id, status="RUNNING")
-        client.set_tag(run.info.run_id, "driver", this_driver())
-        client.set_tag(run.info.run_id, "resumed_from", str(checkpoint))
+        tracking.reopen_run(uri, run.info.run_id, {"driver": this_driver(), "resumed_from": str(checkpoint)})
         plan = dataclasses.replace(plan, run_name=run.info.run_name)
         say(f"train.resume: auto: continuing MLflow run {run.info.run_id} ({run.info.run_name}, "
             f"{run.info.status}) from {checkpoint}")
