@@ -2,8 +2,8 @@
 model (pipeline/pyfunc_model.py), and the evaluation published to the model's run.
 
 The training driver creates the run (params, tags); Ray's rank 0 logs into it during training (losses, throughput,
-grids, the final model); the evaluate stage publishes its Evaluation into the same run. Models are read back with
-pipeline.model_files.load_model.
+grids); the driver logs the final model from its own source tree; the evaluate stage publishes its Evaluation into
+the same run. Models are read back with pipeline.model_files.load_model.
 
 Tracking URI: params `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, with the
 artifacts of new experiments in mlartifacts/ when the store is local.
@@ -126,6 +126,14 @@ def create_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str,
     return run.info.run_id
 
 
+def reopen_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """An interrupted run RUNNING again (it is being continued), with `tags` set."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.update_run(run_id, status="RUNNING")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     mlflow.MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
 
@@ -141,6 +149,11 @@ def resume_run(uri: str, run_id: str, system_metrics: bool) -> mlflow.ActiveRun:
 
 def end_active_run() -> None:
     mlflow.end_run()
+
+
+def last_logged_step(uri: str, run_id: str, key: str = "g/total") -> int:
+    """The last step of `key` logged in the run (0 if none): a resumed run does not log those steps again."""
+    return max((m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)), default=0)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int) -> None:
@@ -169,6 +182,13 @@ def log_model(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                                   f"numpy=={np.__version__}"])
     return info.model_uri
+
+
+def log_model_to_run(uri: str, run_id: str, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
+    """log_model into run `run_id` from this process (the training driver); -> the model URI."""
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        return log_model(state_dict, cfg)
 
 
 # ---------------------------------------------------------------- the evaluate stage

@@ -68,6 +68,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 1  # worker-group restarts, each from the last checkpoint
     resume_from: str | None = None  # a checkpoint folder, or a Ray run folder (its latest checkpoint)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue the interrupted run of the same params, if any
     find_unused_parameters: bool = False  # DDP; only needed when a loss weight switches a branch off
     audit: AuditConfig | None = None  # test instrumentation (see AuditConfig); null in real runs
 
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ValueError("params.yaml train.loader_workers must be >= 0 and train.max_failures >= -1 (-1: forever)")
         if self.use_gpu and not self.gpus_per_worker > 0:
             raise ValueError(f"params.yaml train.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"params.yaml train.resume must be auto or never, got {self.resume!r}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"params.yaml train.placement_strategy: unknown {self.placement_strategy!r}")
 

@@ -2,13 +2,14 @@
 
     config = {"train": TrainConfig dict, "model": ModelConfig dict, "shards": absolute path,
               "resume_from": absolute checkpoint or run folder, or None,
-              "mlflow": {"tracking_uri", "run_id", "system_metrics", "log_model"} or None (no tracking)}
+              "mlflow": {"tracking_uri", "run_id", "system_metrics"} or None (no tracking)}
 
 Per step: the next full batch of this rank's shards, one generator step and one discriminator step
 (pipeline.train.step). Every `checkpoint_every` steps, and at the end, every rank calls ray.train.report
 with its part of the checkpoint (rank 0: networks, optimizers, scalers; every rank: its RNG states and
 data position), so a restarted worker group resumes exactly where the checkpoint was taken.
-Rank 0 alone talks to MLflow.
+Rank 0 alone talks to MLflow, and skips the steps the run already holds (a resumed or restarted run replays the
+steps after its checkpoint). The driver logs the final model.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from pipeline.train.checkpoint import (DataPosition, find_checkpoint, restore_ra
                                        save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig
 from pipeline.train.guard import DivergenceGuard, TrainingHealthError, check_state
-from pipeline.train.step import TrainParts, build_parts, set_rates, train_step, unwrap
+from pipeline.train.step import TrainParts, build_parts, set_rates, train_step
 from pipeline.viz import sample_grid
 
 
@@ -182,9 +183,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     audit = Audit(cfg.audit, rank, world_size, resumed=bool(source))
 
     mlflow_cfg = config.get("mlflow") or {}
-    run = None
+    run, logged_until = None, 0
     if rank == 0 and mlflow_cfg.get("run_id"):
         run = tracking.resume_run(mlflow_cfg["tracking_uri"], mlflow_cfg["run_id"], mlflow_cfg["system_metrics"])
+        logged_until = tracking.last_logged_step(mlflow_cfg["tracking_uri"], mlflow_cfg["run_id"])
     meta = {"world_size": world_size, "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
             "mlflow_run_id": mlflow_cfg.get("run_id")}
     if rank == 0:
@@ -218,12 +220,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             metrics = log_window.take(samples_per_step) | {"lr/g": rates[0], "lr/d": rates[1]}
-            if run:
+            if run and step > logged_until:
                 tracking.log_metrics(metrics, step)
             eta = (cfg.steps - step) * samples_per_step / metrics["samples_per_s"]
             say(f"step {step}/{cfg.steps} | G {metrics['g/total']:.3f} D {metrics.get('d/total', 0):.3f} | "
                 f"{metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s")
-        if rank == 0 and run and (step % cfg.image_every == 0 or step == cfg.steps):
+        if rank == 0 and run and step > logged_until and (step % cfg.image_every == 0 or step == cfg.steps):
             tracking.log_grid(sample_grid(batch, out.image, out.warped, cfg.grid_samples), step)
 
         if checkpoint:
@@ -237,11 +239,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         report(parts, cfg.steps, position, rank, {"step": cfg.steps, "world_size": world_size}, meta,
                name=f"checkpoint_{cfg.steps:08d}_{time.strftime('%Y%m%d-%H%M%S')}")  # a unique name: never reuse one
 
-    model_uri = None
     if run:
-        if mlflow_cfg.get("log_model", True):
-            state = {k: v.detach().cpu() for k, v in unwrap(parts.net).state_dict().items()}
-            model_uri = tracking.log_model(state, model_cfg)
-            say(f"logged the model: {model_uri}")
         tracking.end_active_run()
-    return {"model_uri": model_uri, "step": cfg.steps}
+    return {"step": cfg.steps}

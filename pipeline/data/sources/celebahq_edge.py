@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import fit, read_gray, read_photo
 from pipeline.data.maps import as_edge_map, canny_edges, label_boundaries
-from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, read_name_list, read_pairing_list,
+from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, read_name_list,
                                         safe_name, unique_items)
 
 LAYOUT = "CelebAMask-HQ layout: CelebA-HQ-img/<id>.jpg and optionally CelebAMask-HQ-mask-anno/<k>/<id:05d>_<part>.png"

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.data.errors import DataError, SkipSample
 from pipeline.data.imageio import fit, read_photo
 from pipeline.data.pose import POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
-from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, read_name_list, read_pairing_list,
+from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, read_name_list,
                                         safe_name, unique_items)
 
 LAYOUT = "DeepFashionHD layout: img/**/<name>.jpg with pose/**/<name>_candidate.txt and <name>_subset.txt"
