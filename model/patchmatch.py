@@ -197,7 +197,7 @@ class PatchMatchGRU(nn.Module):
         Pixels are read READ_CHUNK_PIXELS at a time (every pixel's read is independent of the
         others'), each chunk ``checkpointed`` on its own: a recomputation in the backward pass then
         holds one chunk's corner indices, weights and scores (64 per pixel each) instead of the
-        whole level's, about 0.9 GiB at 512x512.
+        whole level's (the correspondence's peak at 512x512 fell from 4.43 to 4.11 GiB).
         """
         h, w = positions.shape[-2:]
         positions = positions.flatten(3)  # (B, 2, K, N)
