@@ -11,7 +11,8 @@ with trained weights), the batch one pseudo pair (the exemplar a shifted copy of
 ``corr`` is the correspondence alone, as ``benchmarks/vs_official.py`` runs it: forward + backward of
 the summed warp means. Each (section, size, batch) runs in a fresh process, ``--repeats`` times;
 peak memory is the process's peak RSS (``ru_maxrss``: interpreter, weights, optimizer state, VGG
-and the passes), time the median pass.
+and the passes), ``setup`` the peak RSS before the first pass (what does not grow with the batch or
+the image), time the median pass.
 
     python -m benchmarks.train_step                        # 256 and 512, batch 1: ~25 min on 2 cores
     python -m benchmarks.train_step --sizes 256 --batch 1 2 4
@@ -118,8 +119,8 @@ def main(argv=None) -> None:
         return
     print(f"torch {torch.__version__}, {args.threads} threads, official widths, default mode (auto checkpointing), "
           f"{args.repeats} passes per process; peak = whole-process peak RSS")
-    print(f"{'size':>5} {'batch':>5} | {'step s':>7} {'CPU s':>7} {'peak GiB':>8} | {'corr s':>7} {'CPU s':>7} "
-          f"{'peak GiB':>8} | load")
+    print(f"{'size':>5} {'batch':>5} | {'step s':>7} {'CPU s':>7} {'peak GiB':>8} {'setup':>6} | {'corr s':>7} "
+          f"{'CPU s':>7} {'peak GiB':>8} {'setup':>6} | load")
     for size in args.sizes:
         for batch in args.batch:
             res = {s: spawn({"section": s, "size": size, "batch": batch, "repeats": args.repeats,
@@ -127,8 +128,8 @@ def main(argv=None) -> None:
             cells = []
             for section in ("step", "corr"):
                 r = res.get(section)
-                cells.append(f"{r['time_s']:>7.1f} {r['cpu_s']:>7.1f} {r['peak_mib'] / 1024:>8.2f}" if r
-                             else f"{'-':>7} {'-':>7} {'-':>8}")
+                cells.append(f"{r['time_s']:>7.1f} {r['cpu_s']:>7.1f} {r['peak_mib'] / 1024:>8.2f} "
+                             f"{r['setup_mib'] / 1024:>6.2f}" if r else f"{'-':>7} {'-':>7} {'-':>8} {'-':>6}")
             load = " ".join(f"{r['load']:.1f}" for r in res.values())
             print(f"{size:>5} {batch:>5} | {cells[0]} | {cells[1]} | {load}", flush=True)
 

@@ -43,7 +43,8 @@ def global_attention(query: torch.Tensor, key: torch.Tensor, exemplar: torch.Ten
     flash kernels on CPU and CUDA keep one row block of the (hw, hw) matrix at a time, forward and
     backward); the best match is the argmax of the logits, taken a row block at a time. Memory is
     O(hw * C) instead of two or three (hw, hw) matrices (64 MiB each at 64x64 features, 1 GiB at
-    128x128). Scores run in float32 under autocast: at temperature 0.01 bf16 logits are off by ~1.
+    128x128). Scores run in float32 under autocast: at temperature 0.01 a bf16 product puts the logits
+    off by up to ~0.5 (mean 0.04; 64x64 smooth unit features, 32 channels) and moves 0.3% of the argmaxes.
     """
     b, c, h, w = query.shape
     with torch.autocast(query.device.type, enabled=False):
