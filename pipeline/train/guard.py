@@ -55,7 +55,7 @@ class DivergenceError(TrainingHealthError):
     stopped = "training stopped before the next step (no checkpoint of this step)"
 
 
-ADVICE = "The weights diverged: lower train.lr or the loss weights (train.loss), or resume from the last checkpoint"
+ADVICE = "The weights diverged: lower train.lr or the loss weights (train.loss)"
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
