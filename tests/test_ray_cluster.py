@@ -144,15 +144,21 @@ def node_processes(temp_dir: str) -> list[psutil.Process]:
 
 def stop_node(temp_dir: str) -> None:
     """`ray stop` for one node only (`ray stop` itself stops every Ray of this user on the machine)."""
-    processes = node_processes(temp_dir)
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=15)
-    for process in alive:
-        process.kill()
+    for _ in range(3):  # again, for any process a first pass missed or that a dying one started
+        processes = node_processes(temp_dir)
+        if not processes:
+            return
+        for process in processes:
+            try:
+                process.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(processes, timeout=15)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
 
 
 class RayCluster:
