@@ -144,6 +144,7 @@ def test_auto_checkpointing_engages_in_training_from_256(monkeypatch):
     assert calls and not any(calls)
 
 
+@pytest.mark.slow  # CPU bf16 kernels: ~50 s on 2 idle cores
 def test_scores_stay_float32_under_bf16_autocast():
     """CPU bf16 autocast stands in for CUDA's: convolutions run in bf16, the PatchMatch and level-0
     scores and softmax in float32, so the candidate probabilities are proper distributions."""

@@ -193,6 +193,7 @@ def test_a_nan_weight_stops_both_workers_without_a_retry_and_keeps_the_last_good
     client = mlflow.MlflowClient(sqlite_uri(tmp_path))
     run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
     assert run.info.status == "FAILED" and logged_steps(sqlite_uri(tmp_path), run.info.run_id) == [2, 4]
+    assert "step 5" in run.data.tags["stopped_by_guard"]  # so train.resume: auto does not continue it into the NaN
 
 
 def test_a_v1_model_trains_through_the_same_job(local_ray, train_shards, pairs, tmp_path):

@@ -368,8 +368,8 @@ def interrupted_run(plan: Plan, experiment_id: str, fingerprint: str) -> tuple[A
     runs = mlflow.MlflowClient(plan.tracking_uri).search_runs(
         [experiment_id], f"tags.fingerprint = '{fingerprint}'", order_by=["attributes.start_time DESC"],
         max_results=1)
-    if not runs or runs[0].info.status not in RESUMABLE:
-        return None
+    if not runs or runs[0].info.status not in RESUMABLE or "stopped_by_guard" in runs[0].data.tags:
+        return None  # a guard's stop is deterministic: continuing would stop again
     run = runs[0]
     if run.info.status == "RUNNING" and driver_alive(run.data.tags.get("driver")):
         return None  # a run of the same params is training right now
@@ -428,6 +428,7 @@ def fit(plan: Plan, run_id: str) -> tuple[ray.train.Result, float]:
         result = trainer.fit()
         stopped = (result.return_value or {}).get("stopped")
         if stopped:  # a guard stopped every worker (pipeline/train/guard.py): deterministic, so not retried
+            tracking.mlflow.MlflowClient(uri).set_tag(run_id, "stopped_by_guard", stopped[:5000])
             raise FloatingPointError(stopped)
     except Exception as err:
         raise TrainingError(describe_failure(err, plan.run_dir)) from err
