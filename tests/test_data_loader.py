@@ -269,12 +269,12 @@ def test_a_flipped_byte_or_a_swapped_shard_fails_the_sha256(shards, tmp_path):
 
 
 def test_each_shard_is_hashed_once_per_process(shards, monkeypatch):
-    import pipeline.data.loader as loader_module
+    import pipeline.data.schema as schema
 
-    loader_module.verify_shard.cache_clear()
+    schema.verify_shard.cache_clear()
     calls = []
-    real = loader_module.hashlib.sha256
-    monkeypatch.setattr(loader_module.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    real = schema.hashlib.sha256
+    monkeypatch.setattr(schema.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
     epochs = loader(shards[0])
     for _ in range(3):
         list(epochs)

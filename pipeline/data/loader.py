@@ -23,7 +23,6 @@ The stages that depend on the epoch read it from a multiprocessing.Value, which 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import multiprocessing
 import os
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import bgr_to_planar_rgb, decode_jpeg_bgr, decode_json, decode_map, decode_npy
-from pipeline.data.schema import pseudo_members, read_manifest, stable_hash
+from pipeline.data.schema import VERIFY, pseudo_members, read_manifest, stable_hash, verify_shard
 
 IMAGES, MAPS = ("image", "exemplar", "pseudo"), ("input_map", "exemplar_map", "pseudo_map")
 
@@ -57,26 +56,6 @@ def epoch_shards(shards: dict[str, dict[str, Any]], seed: int, epoch: Any, shuff
     if shuffle:
         random.Random(stable_hash(seed, "shards", epoch.value)).shuffle(order)
     yield from ({"url": url, "manifest": shards[url]} for url in order)
-
-
-VERIFY = ("full", "size", "none")
-
-
-@functools.lru_cache(maxsize=None)
-def verify_shard(url: str, version: tuple[int, int], sha256: str, size: int, verify: str) -> None:
-    """Check a shard against its manifest entry once per process and file version (mtime, size): "size" compares
-    the byte count, "full" also the sha256 (one read of the file: a flipped byte or another shard under this name)."""
-    if verify != "none" and version[1] != size:
-        raise DataError(f"{url}: {version[1]} bytes, the manifest says {size}: the shard is truncated or was replaced "
-                        f"(re-run `dvc repro shard`)")
-    if verify == "full":
-        digest = hashlib.sha256()
-        with open(url, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != sha256:
-            raise DataError(f"{url}: sha256 {digest.hexdigest()[:16]}... differs from the manifest's {sha256[:16]}...: "
-                            f"the shard is corrupt or another file took its name (re-run `dvc repro shard`)")
 
 
 def epoch_shuffle(samples: Iterator[dict], buffer: int, seed: int, epoch: Any) -> Iterator[dict]:
@@ -98,19 +77,6 @@ def tar_index(url: str, version: tuple[int, int]) -> tuple[tuple[str, dict[str, 
     except tarfile.TarError as exc:
         raise DataError(f"{url}: unreadable tar ({exc})") from None
     return tuple(samples.items())
-
-
-def verify_split(shards: str | Path, split: str, verify: str = "full") -> None:
-    """Verify every shard of a split now (verify_shard): the training driver does it before it starts Ray, so that
-    a bad shard fails the run once instead of a worker that Ray would restart."""
-    manifest, shard_dir = read_manifest(shards)
-    for entry in manifest["splits"].get(split, {}).get("shards", []):
-        path = shard_dir / entry["name"]
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise DataError(f"{path}: listed in the manifest but missing (re-run `dvc repro shard`)") from None
-        verify_shard(str(path), (stat.st_mtime_ns, stat.st_size), entry["sha256"], entry["bytes"], verify)
 
 
 def read_tars(shards: Iterator[dict[str, Any]], members_of: Callable[[str], list[str]],

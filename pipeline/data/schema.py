@@ -16,6 +16,7 @@ count and map encoding: the one record of them downstream.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,42 @@ def read_manifest(shard_dir_or_manifest: str | Path) -> tuple[dict[str, Any], Pa
     if manifest.get("format") != SHARD_FORMAT:
         raise DataError(f"{manifest_path}: not a shard manifest of format {SHARD_FORMAT} (re-run the shard stage)")
     return manifest, manifest_path.parent
+
+
+# ---------------------------------------------------------------- shards against their manifest entries
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+VERIFY = ("full", "size", "none")
+
+
+@functools.lru_cache(maxsize=None)
+def verify_shard(url: str, version: tuple[int, int], sha256: str, size: int, verify: str) -> None:
+    """Check a shard against its manifest entry once per process and file version (mtime, size): "size" compares
+    the byte count, "full" also the sha256 (one read of the file: a flipped byte or another shard under this name)."""
+    if verify != "none" and version[1] != size:
+        raise DataError(f"{url}: {version[1]} bytes, the manifest says {size}: the shard is truncated or was replaced "
+                        f"(re-run `dvc repro shard`)")
+    if verify == "full" and (digest := sha256_file(url)) != sha256:
+        raise DataError(f"{url}: sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}...: "
+                        f"the shard is corrupt or another file took its name (re-run `dvc repro shard`)")
+
+
+def verify_split(shards: str | Path, split: str, verify: str = "full") -> None:
+    """Verify every shard of a split now (verify_shard): the training driver does it before it starts Ray, so that
+    a bad shard fails the run once instead of a worker that Ray would restart."""
+    manifest, shard_dir = read_manifest(shards)
+    for entry in manifest["splits"].get(split, {}).get("shards", []):
+        path = shard_dir / entry["name"]
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise DataError(f"{path}: listed in the manifest but missing (re-run `dvc repro shard`)") from None
+        verify_shard(str(path), (stat.st_mtime_ns, stat.st_size), entry["sha256"], entry["bytes"], verify)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import hashlib
 import io
 import multiprocessing
 import os
@@ -36,7 +35,7 @@ from pipeline.data.imageio import (atomic_write_bytes, atomic_write_json, decode
 from pipeline.data.pairing import choose_exemplars, pairing_list, rank_others
 from pipeline.data.prepare import FORMAT as PREPARED_FORMAT
 from pipeline.data.prepare import code_version, fingerprint, reset_if_stale
-from pipeline.data.schema import SHARD_FORMAT, member_names, pseudo_members, sample_key, stable_hash
+from pipeline.data.schema import SHARD_FORMAT, member_names, pseudo_members, sample_key, sha256_file, stable_hash
 from pipeline.params import section
 
 FORMAT = SHARD_FORMAT
@@ -241,14 +240,6 @@ def _write_planned_shard(shard: PlannedShard, out_dir: str, cfg: ShardConfig, se
     prepared = _WORKER_PREPARED
     samples = (build_sample(prepared, s, cfg, seed) for s in shard.samples)
     return write_tar(Path(out_dir) / shard.name, samples)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def finished_shards(out_dir: Path, shards: list[PlannedShard]) -> dict[str, dict[str, Any]]:

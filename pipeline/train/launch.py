@@ -41,7 +41,7 @@ import pipeline as pipeline_package
 from model import ModelConfig
 from pipeline import tracking, viz
 from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
-from pipeline.data.loader import verify_split
+from pipeline.data.schema import verify_split
 from pipeline.data.schema import read_manifest
 from pipeline.model_files import export_model
 from pipeline.tracking import MlflowConfig
