@@ -167,7 +167,9 @@ class RayCluster:
     def __init__(self, work: Path):
         # Ray's socket paths must stay under 107 characters: a short temp dir per node.
         base = os.environ.get("RAY_TMPDIR") or "/tmp"
-        self.root = tempfile.mkdtemp(prefix="rc-", dir=base if len(base) < 30 else "/tmp")
+        base = base if len(base) < 30 else "/tmp"
+        os.makedirs(base, exist_ok=True)
+        self.root = tempfile.mkdtemp(prefix="rc-", dir=base)
         self.head_dir, self.node_dir = f"{self.root}/head", f"{self.root}/node"
         self.token_file = work / "ray_token"
         self.token_file.write_text(secrets.token_hex(32))

@@ -113,6 +113,7 @@ def ray_temp_dir() -> str:
     base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
     if len(base) + len("/cocosnet-ray-12345678") > MAX_RAY_TEMP_DIR:
         base = "/tmp"  # Ray's socket paths would pass the 107-character limit
+    os.makedirs(base, exist_ok=True)  # Ray creates $RAY_TMPDIR when it is missing: so do we
     return tempfile.mkdtemp(prefix="cocosnet-ray-", dir=base)
 
 
