@@ -2,13 +2,14 @@
 driven by Selenium, with flags that work on a closed network."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import in_ci
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -24,7 +25,7 @@ def chromium(window: tuple[int, int] = (1500, 1100)):
     """A started headless Chromium (a fresh profile); skips the test without one, fails under CI."""
     if not (CHROMIUM and CHROMEDRIVER):
         reason = "chromium and chromedriver not found (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(f"{reason}: CI must run the browser tests")
         pytest.skip(reason)
     from selenium import webdriver

@@ -18,11 +18,16 @@ def fixtures_dir() -> Path:
     return Path(os.environ.get("COCOSNET_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 
 
+def in_ci() -> bool:
+    """CI=true (or 1, yes): what may skip on a user's machine must run, or fail, there."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def require_fixture(name: str, marker_file: str, what: str) -> Path:
     """fixtures_dir()/name, or skip (fail under CI) when its marker file is absent."""
     path = fixtures_dir() / name
     if not (path / marker_file).exists():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail(f"official parity fixtures missing at {path}: CI must run the parity tests")
         pytest.skip(f"official {what} parity fixtures not found at {path} (set COCOSNET_FIXTURES)")
     return path

@@ -18,13 +18,14 @@ from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 
 from tests.browser import chromium, screenshot, wait_for_text
+from tests.conftest import in_ci
 from tests.mlflow_server import free_port, running_server
 
 pytestmark = pytest.mark.e2e
 try:
     import gradio  # noqa: F401
 except ModuleNotFoundError:
-    if os.environ.get("CI"):
+    if in_ci():
         raise  # CI installs the app extra (scripts/bootstrap.sh) and must run these tests
     pytest.skip("the app extra is not installed (pip install -e '.[app]')", allow_module_level=True)
 
