@@ -359,15 +359,15 @@ def profile(step, reset, rows: int = 25) -> dict:
     return {"table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)}
 
 
-def spawn(spec: dict) -> dict:
-    """Run one measurement in a fresh interpreter and return its JSON result.
+def spawn(spec: dict, module: str = "benchmarks.correspondence") -> dict:
+    """Run one measurement (`python -m <module> --child <spec>`) in a fresh interpreter and return its JSON result.
 
     OpenMP threads sleep instead of spinning while waiting (``OMP_WAIT_POLICY=PASSIVE`` unless set):
     on a CPU shared with other processes, spinning workers made 2-thread ops up to ~6x slower.
     """
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.correspondence", "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(spec)],
                           cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")

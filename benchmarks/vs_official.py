@@ -30,7 +30,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from argparse import Namespace
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import correspondence
 from benchmarks.correspondence import make_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,13 +98,7 @@ def run_child(spec: dict) -> dict:
 
 
 def spawn(spec: dict) -> dict:
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/correspondence.py
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.vs_official", "--child", json.dumps(spec)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return correspondence.spawn(spec, "benchmarks.vs_official")
 
 
 def describe(name: str, size: int, r: dict) -> str:
