@@ -48,7 +48,12 @@ def prepare(params: dict[str, Any], out: str) -> str:
     from pipeline.data.prepare import run_prepare
 
     index = run_prepare(params, out)
-    return f"{len(index['items'])} images ready, {len(index['skipped'])} skipped -> {out}"
+    summary = f"{len(index['items'])} images ready, {len(index['skipped'])} skipped"
+    unmatched = index["listed_unmatched"] + index["self_unmatched"]
+    if index["listed_pairs"] or index["self_pairs"] or unmatched:  # not fatal, but a list of other files shows here
+        summary += (f"; pairing lists: {len(index['listed_pairs'])} listed exemplars, {len(index['self_pairs'])} "
+                    f"self pairs, {unmatched} names that match no image")
+    return f"{summary} -> {out}"
 
 
 def shard(params: dict[str, Any], prepared: str, out: str, report: str) -> str:

@@ -1,4 +1,5 @@
-"""Real exemplars: the dataset's pairing list where it has one, else the nearest other image.
+"""Real exemplars: the dataset's pairing list where it has one, else the nearest other image; self pairs (the same
+subject in another view) where the dataset lists them.
 
 Retrieval uses cheap descriptors: the class histogram for masks; colour histogram plus a coarse
 edge-density grid otherwise. Both are square-rooted (Hellinger), so Euclidean distance compares
@@ -56,21 +57,29 @@ def nearest_others(descriptors: np.ndarray, queries: np.ndarray, pool: np.ndarra
     return rank_others(descriptors, queries, pool, 1)[:, 0]
 
 
+def first_listed(names: list[str], listed: dict[str, list[str]]) -> np.ndarray:
+    """Every item's first listed reference that is another item, as an index; -1 where there is none.
+
+    names: item names (index order); listed: {item name: [ref item names]} already resolved to names.
+    """
+    position = {name: i for i, name in enumerate(names)}
+    first = np.full(len(names), -1, np.int64)
+    for i, name in enumerate(names):
+        refs = [position[r] for r in listed.get(name, []) if r in position and r != name]
+        if refs:
+            first[i] = refs[0]
+    return first
+
+
 def choose_exemplars(names: list[str], listed: dict[str, list[str]],
                      retrieved: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Exemplar index and how it was chosen ("listed" or "retrieved") for every item.
 
-    names: item names (index order); listed: {item name: [ref item names]} already resolved to names;
-    retrieved: (N,) every item's nearest other training image (rank_others).
+    names, listed: as first_listed; retrieved: (N,) every item's nearest other training image (rank_others).
     """
-    position = {name: i for i, name in enumerate(names)}
-    exemplars = retrieved.astype(np.int64).copy()
-    how = ["retrieved"] * len(names)
-    for i, name in enumerate(names):
-        refs = [position[r] for r in listed.get(name, []) if r in position and r != name]
-        if refs:
-            exemplars[i], how[i] = refs[0], "listed"
-    return exemplars, how
+    first = first_listed(names, listed)
+    exemplars = np.where(first >= 0, first, retrieved).astype(np.int64)
+    return exemplars, ["listed" if f >= 0 else "retrieved" for f in first]
 
 
 def pairing_list(names: list[str], items: np.ndarray, ranked: np.ndarray) -> str:
@@ -79,8 +88,8 @@ def pairing_list(names: list[str], items: np.ndarray, ranked: np.ndarray) -> str
 
 
 def resolve_listed(pairs: dict[str, list[str]], aliases: dict[str, str]) -> tuple[dict[str, list[str]], int]:
-    """Map a pairing list's spellings to item names. aliases: {spelling: item name}.
-    -> ({item name: [ref item names]}, number of references that match no item)."""
+    """Map a pairing list's spellings to item names, leaving out references to the item itself.
+    aliases: {spelling: item name}. -> ({item name: [ref item names]}, number of references that match no item)."""
     resolved: dict[str, list[str]] = {}
     unmatched = 0
     for name, refs in pairs.items():
@@ -90,6 +99,6 @@ def resolve_listed(pairs: dict[str, list[str]], aliases: dict[str, str]) -> tupl
             continue
         matched = [aliases[r] for r in refs if r in aliases]
         unmatched += len(refs) - len(matched)
-        if matched:
-            resolved[key] = matched
+        if others := [r for r in matched if r != key]:
+            resolved[key] = others
     return resolved, unmatched

@@ -4,7 +4,7 @@ Output (data/prepared/):
     items/<i>.photo.png, items/<i>.input.png, items/<i>.json   one finished item (json written last)
     items/<i>.skip.json                                           one skipped item: file and reason
     descriptors.npy                                               (N, D) float32 retrieval descriptors
-    index.json                                                    items, skips, listed pairs, source
+    index.json                                                    items, skips, listed and self pairs, source
 Resumable: finished items are reused when the fingerprint (source settings, item names, code) matches.
 """
 from __future__ import annotations
@@ -87,9 +87,9 @@ def prepare_item(source: Source, item: ItemRef, items_dir: Path, stem: str) -> d
     return record
 
 
-def listed_pairs(source: Source, items: list[ItemRef], valid: set[str]) -> tuple[dict[str, list[str]], int]:
-    """The source's pairing lists resolved to valid item names (and how many references matched nothing)."""
-    pairs = source.pairing_lists()
+def resolve_pairs(pairs: dict[str, list[str]], items: list[ItemRef],
+                  valid: set[str]) -> tuple[dict[str, list[str]], int]:
+    """A source's pairing or self-pair lists resolved to valid item names (and how many names matched nothing)."""
     if not pairs:
         return {}, 0
     aliases: dict[str, str] = {}
@@ -121,7 +121,9 @@ def prepare_dataset(source: Source, out_dir: str | Path, progress: bool = True) 
         reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
         raise DataError(f"source {source.name}: all {len(skipped)} items were skipped (e.g. {reasons})")
 
-    listed, unmatched = listed_pairs(source, items, {r["name"] for r in records})
+    valid = {r["name"] for r in records}
+    listed, unmatched = resolve_pairs(source.pairing_lists(), items, valid)
+    self_pairs, self_unmatched = resolve_pairs(source.self_pair_lists(), items, valid)
     descriptors = np.array([r.pop("descriptor") for r in records], np.float32)
     atomic_write_bytes(out_dir / "descriptors.npy", encode_npy(descriptors))
     index = {
@@ -136,6 +138,8 @@ def prepare_dataset(source: Source, out_dir: str | Path, progress: bool = True) 
         "skipped": [{"file": s["file"], "reason": s["reason"], "stage": "prepare"} for s in skipped],
         "listed_pairs": listed,
         "listed_unmatched": unmatched,
+        "self_pairs": self_pairs,
+        "self_unmatched": self_unmatched,
     }
     atomic_write_json(out_dir / "index.json", index, indent=None)
     return index

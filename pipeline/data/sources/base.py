@@ -73,14 +73,17 @@ class Source:
         raise NotImplementedError
 
     pairing_files: tuple[str, ...] = ()  # files under root in the official "name,ref1,ref2,..." format
+    # Same format: the same subject in another view (DeepFashion: the same person in another pose), the official
+    # --video_like pairs, which train with pixel-level supervision like a pseudo pair
+    self_pair_files: tuple[str, ...] = ()
 
     def pairing_lists(self) -> dict[str, list[str]]:
         """Listed exemplars {listed name: [ref1, ref2, ...]} from the dataset's pairing files, or {}."""
-        pairs: dict[str, list[str]] = {}
-        for name in self.pairing_files:
-            if (self.root / name).exists():
-                pairs.update(read_pairing_list(self.root / name))
-        return pairs
+        return read_pairing_lists(self.root, self.pairing_files)
+
+    def self_pair_lists(self) -> dict[str, list[str]]:
+        """Self pairs {listed name: [same subject, other view, ...]} from the dataset's self-pair files, or {}."""
+        return read_pairing_lists(self.root, self.self_pair_files)
 
     def describe(self) -> dict[str, Any]:
         """What identifies this source's output (goes into fingerprints and the manifest)."""
@@ -150,6 +153,15 @@ def read_pairing_list(path: Path) -> dict[str, list[str]]:
         if len(fields) < 2:
             raise DataError(f"{path}:{number}: expected 'name,ref1,...', got {line!r}")
         pairs[fields[0]] = fields[1:]
+    return pairs
+
+
+def read_pairing_lists(root: Path | None, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """The pairing lists among `names` that exist under root, merged (a later file wins for a name listed twice)."""
+    pairs: dict[str, list[str]] = {}
+    for name in names:
+        if root is not None and (root / name).exists():
+            pairs.update(read_pairing_list(root / name))
     return pairs
 
 

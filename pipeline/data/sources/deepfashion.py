@@ -2,8 +2,11 @@
 
 Layout: img/<any folders>/<name>.jpg with OpenPose output pose/<same folders>/<name>_candidate.txt and
 <name>_subset.txt; optional train.txt / val.txt (paths like img/...jpg; images in neither list are
-split by shard.val_fraction) and the pairing lists deepfashion_ref.txt / deepfashion_ref_test.txt
-("img/a.jpg,img/ref1.jpg,..."; the first listed reference that exists is used).
+split by shard.val_fraction), the pairing lists deepfashion_ref.txt / deepfashion_ref_test.txt
+("img/a.jpg,img/ref1.jpg,..."; the first listed reference that exists is the real exemplar) and the official
+--video_like list deepfashion_self_pair.txt (same format: the same person in another pose; the first that exists
+is the sample's self pair, stored in the shards beside the pseudo exemplars, used when train.video_like is set).
+Names in the lists may be spelled "img/MEN/...jpg", "MEN/...jpg" or with backslashes.
 """
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, r
 
 LAYOUT = "DeepFashionHD layout: img/**/<name>.jpg with pose/**/<name>_candidate.txt and <name>_subset.txt"
 PAIRING_LISTS = ("deepfashion_ref.txt", "deepfashion_ref_test.txt")
+SELF_PAIR_LIST = "deepfashion_self_pair.txt"
 
 
 class DeepFashionSource(Source):
 
     pairing_files = PAIRING_LISTS
+    self_pair_files = (SELF_PAIR_LIST,)
     name = "deepfashion"
     tasks = ("pose",)
     input_encoding = "channels"

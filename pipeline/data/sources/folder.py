@@ -4,14 +4,14 @@ from __future__ import annotations
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import fit, read_photo
 from pipeline.data.maps import as_edge_map, canny_edges
-from pipeline.data.sources.base import (PHOTO_SUFFIXES, Example, ItemRef, Source, find_photos, read_pairing_list,
-                                        safe_name, unique_items)
+from pipeline.data.sources.base import PHOTO_SUFFIXES, Example, ItemRef, Source, find_photos, safe_name, unique_items
 
 PAIRING_LIST = "pairs.txt"  # optional: "photo,ref1,ref2,..." with paths relative to the folder
 
 
 class FolderSource(Source):
     name = "folder"
+    pairing_files = (PAIRING_LIST,)
     tasks = ("edge",)
     input_encoding = "channels"
 
@@ -32,7 +32,3 @@ class FolderSource(Source):
     def load(self, item: ItemRef) -> Example:
         photo = fit(read_photo(item.path), self.image_size, "area")
         return Example(photo=photo, input_map=as_edge_map(canny_edges(photo))[None])
-
-    def pairing_lists(self) -> dict[str, list[str]]:
-        path = self.root / PAIRING_LIST
-        return read_pairing_list(path) if path.exists() else {}
