@@ -49,12 +49,13 @@ def built(tmp_path_factory):
 
 def test_manifest_lists_every_shard_with_counts_and_sha256(built):
     shard_dir, manifest = built
-    assert manifest["format"] == "cocosnet-wds/2" and manifest["label_nc"] == 12 and manifest["pseudo_per_image"] == 2
+    assert manifest["format"] == "cocosnet-wds/3" and manifest["label_nc"] == 12 and manifest["pseudo_per_image"] == 2
     assert manifest["image_size"] == [32, 32] and manifest["input_encoding"] == "ids"
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     assert train["images"] + val["images"] == 16 and val["images"] == 4  # val_fraction 0.25
     assert train["samples"] == train["images"] and val["samples"] == 4  # one sample per image
     assert len(train["shards"]) == 4 and len(val["shards"]) == 4  # min_shards_per_split
+    assert manifest["pairing"]["self_pairs"] == {"train": 0, "val": 0}
     for info in train["shards"] + val["shards"]:
         data = (shard_dir / info["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == info["sha256"]
@@ -96,6 +97,7 @@ def test_samples_follow_the_schema(built):
             meta = json.loads(members["meta.json"])
             assert meta["key"] == key and meta["exemplar"] != meta["name"]
             assert meta["pairing"] == "retrieved" and len(meta["palette"]) == 12 and meta["exemplar_palette"]
+            assert meta["self_pair"] is None  # synthetic data lists no self pairs
             assert decode_jpeg(members["image.jpg"]).shape == (32, 32, 3)
             assert decode_png(members["input.png"]).max() < 12
             assert len(meta["augmentation"]) == 2  # the sampled distortion of each pseudo exemplar

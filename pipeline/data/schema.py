@@ -8,11 +8,16 @@ One WebDataset sample per image, with `pseudo_per_image` pseudo exemplars (k = 0
     exemplar.jpg          y_B, the real exemplar;        exemplar_input.png    its map y_A
     pseudo.<k>.jpg        pseudo exemplar k;             pseudo_input.<k>.png  its map
     pseudo_flow.<k>.npy   (2, H, W) float16: (y, x) in pseudo.<k>.jpg of each x_B pixel, NaN where invalid
-    meta.json             source, task, size, label_nc, pairing, augmentation (one entry per pseudo exemplar),
-                          synthetic palettes
+    self.jpg              only where the dataset lists one: the sample's self pair (the same subject in another
+                          view, the official --video_like reference; a real photo, so no flow)
+    self_input.png        its map
+    meta.json             source, task, size, label_nc, pairing ("listed"/"retrieved": how the real exemplar was
+                          chosen), self_pair (its item name or null), augmentation (one entry per pseudo
+                          exemplar), synthetic palettes
 
 manifest.json beside the shards lists them (name, samples, sha256, bytes) per split, with the image size, class
-count and map encoding: the one record of them downstream.
+count, map encoding and pairing statistics (pairing.self_pairs: samples per split with a self pair): the one
+record of them downstream. Format 2 (before self pairs) is still read: its samples have no self pair.
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ from typing import Any
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import read_json
 
-SHARD_FORMAT = "cocosnet-wds/2"
+SHARD_FORMAT = "cocosnet-wds/3"
+READABLE_FORMATS = ("cocosnet-wds/2", SHARD_FORMAT)  # 2: the same without self pairs
 COMMON_MEMBERS = ("input.png", "image.jpg", "exemplar.jpg", "exemplar_input.png", "meta.json")
+SELF_MEMBERS = ("self.jpg", "self_input.png")  # (photo, map) of the self pair, where a sample has one
 
 
 def pseudo_members(k: int) -> tuple[str, str, str]:
@@ -33,9 +40,19 @@ def pseudo_members(k: int) -> tuple[str, str, str]:
     return f"pseudo.{k}.jpg", f"pseudo_input.{k}.png", f"pseudo_flow.{k}.npy"
 
 
-def member_names(pseudo_per_image: int) -> tuple[str, ...]:
-    """All members of a sample."""
-    return COMMON_MEMBERS + tuple(m for k in range(pseudo_per_image) for m in pseudo_members(k))
+def member_names(pseudo_per_image: int, self_pair: bool = False) -> tuple[str, ...]:
+    """All members of a sample (with or without a self pair)."""
+    pseudo = tuple(m for k in range(pseudo_per_image) for m in pseudo_members(k))
+    return COMMON_MEMBERS + pseudo + (SELF_MEMBERS if self_pair else ())
+
+
+def require_self_pairs(manifest: dict[str, Any], where: str | Path, split: str) -> None:
+    """video_like training needs self pairs: fail, naming the manifest, when no sample of the split has one
+    (format 2 predates them)."""
+    if not manifest.get("pairing", {}).get("self_pairs", {}).get(split, 0):
+        raise DataError(f"{where}: video_like needs self pairs, and no {split!r} sample has one (pairing.self_pairs): "
+                        "give the dataset its self-pair list (DeepFashion: deepfashion_self_pair.txt) and re-run the "
+                        "prepare and shard stages, or set train.video_like: false")
 
 
 def sample_key(source: str, name: str) -> str:
@@ -53,8 +70,9 @@ def read_manifest(shard_dir_or_manifest: str | Path) -> tuple[dict[str, Any], Pa
     path = Path(shard_dir_or_manifest)
     manifest_path = path / "manifest.json" if path.is_dir() else path
     manifest = read_json(manifest_path)
-    if manifest.get("format") != SHARD_FORMAT:
-        raise DataError(f"{manifest_path}: not a shard manifest of format {SHARD_FORMAT} (re-run the shard stage)")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise DataError(f"{manifest_path}: format {manifest.get('format')!r} is not a shard manifest this code reads "
+                        f"({', '.join(READABLE_FORMATS)}); re-run the shard stage")
     return manifest, manifest_path.parent
 
 

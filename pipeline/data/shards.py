@@ -1,8 +1,8 @@
 """Shard stage: prepared items -> WebDataset tars of (x_A, x_B, real exemplar, pseudo exemplars with their flow).
 
 One sample per image, key "<source>/<name>", members as pipeline/data/schema.py lists them: x_A, x_B, the real
-exemplar and its map, and `shard.pseudo_per_image` pseudo exemplars, each with its map and exact flow (the
-loader picks one per epoch).
+exemplar and its map, `shard.pseudo_per_image` pseudo exemplars, each with its map and exact flow (the
+loader picks one per epoch), and the self pair with its map where the dataset lists one.
 
 Every shard is written under a temporary name, hashed, renamed when complete, and only then entered with its sha256
 and size in completed.json: a run keeps an existing tar only when that record vouches for its bytes (an interrupted
@@ -32,10 +32,11 @@ from pipeline.data.config import DataConfig, ShardConfig
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import (atomic_write_bytes, atomic_write_json, decode_npy, decode_png, encode_jpeg, encode_json, encode_map,
                                    encode_npy, read_json, read_photo_png, unstack_channels)
-from pipeline.data.pairing import choose_exemplars, pairing_list, rank_others
+from pipeline.data.pairing import choose_exemplars, first_listed, pairing_list, rank_others
 from pipeline.data.prepare import FORMAT as PREPARED_FORMAT
 from pipeline.data.prepare import code_version, fingerprint, reset_if_stale
-from pipeline.data.schema import SHARD_FORMAT, member_names, pseudo_members, sample_key, sha256_file, stable_hash
+from pipeline.data.schema import (SELF_MEMBERS, SHARD_FORMAT, member_names, pseudo_members, sample_key, sha256_file,
+                                  stable_hash)
 from pipeline.params import section
 
 FORMAT = SHARD_FORMAT
@@ -50,6 +51,7 @@ class PlannedSample:
     item: int  # index into the prepared items
     exemplar: int  # index of the real exemplar
     pairing: str  # "listed" or "retrieved"
+    self_pair: int | None = None  # index of the self pair (the same subject in another view), if listed
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,11 @@ def plan_shards(prepared: Prepared, cfg: ShardConfig, seed: int) -> tuple[list[P
         raise DataError(f"{prepared.directory}: need at least 2 valid images to pair exemplars, got {len(pool)}")
     ranked = rank_others(prepared.descriptors, np.arange(len(prepared.items)), pool, cfg.retrieval_top_k)
     exemplars, how = choose_exemplars(prepared.names, prepared.index.get("listed_pairs", {}), ranked[:, 0])
+    self_pairs = [None if i < 0 else int(i) for i in first_listed(prepared.names, prepared.index.get("self_pairs", {}))]
     shards = []
     for split in SPLITS:
-        samples = [PlannedSample(i, int(exemplars[i]), how[i]) for i in range(len(splits)) if splits[i] == split]
+        samples = [PlannedSample(i, int(exemplars[i]), how[i], self_pairs[i])
+                   for i in range(len(splits)) if splits[i] == split]
         if split == "train":  # mix images across shards; the loader also shuffles
             order = sorted(range(len(samples)), key=lambda k: stable_hash(seed, "order", k))
             samples = [samples[k] for k in order]
@@ -150,6 +154,7 @@ def plan_shards(prepared: Prepared, cfg: ShardConfig, seed: int) -> tuple[list[P
             shards.append(PlannedShard(f"{split}-{number:05d}.tar", split, tuple(chunk)))
     stats = {"listed": how.count("listed"), "retrieved": how.count("retrieved"),
              "images": {s: splits.count(s) for s in SPLITS},
+             "self_pairs": {s: sum(p is not None for p, t in zip(self_pairs, splits) if t == s) for s in SPLITS},
              "retrieval_lists": {split: pairing_list(prepared.names, items, ranked[items])
                                  for split in SPLITS if len(items := np.flatnonzero(np.array(splits) == split))}}
     return shards, stats
@@ -180,17 +185,23 @@ def build_sample(prepared: Prepared, planned: PlannedSample, cfg: ShardConfig,
         sample[input_map] = encode_map(pseudo.input_map)
         sample[flow] = encode_npy(pseudo.flow.astype(np.float16))
         augmentation.append(pseudo.params)
+    if planned.self_pair is not None:
+        photo, input_map = SELF_MEMBERS
+        sample[photo] = prepared.jpeg(planned.self_pair, cfg.jpeg_quality)
+        sample[input_map] = encode_map(prepared.input_map(planned.self_pair))
     meta = {
         "key": key, "source": source["source"], "task": source["task"], "name": item["name"],
         "size": list(prepared.image_size), "label_nc": source["label_nc"],
         "input_encoding": index["input_encoding"], "input_channels": index["input_channels"],
         "exemplar": exemplar["name"], "pairing": planned.pairing, "augmentation": augmentation,
+        "self_pair": None if planned.self_pair is None else prepared.names[planned.self_pair],
     }
     if "palette" in item.get("meta", {}):
         meta["palette"] = item["meta"]["palette"]
         meta["exemplar_palette"] = exemplar["meta"].get("palette")
     sample["meta.json"] = encode_json(meta)
-    assert sorted(sample) == sorted(member_names(cfg.pseudo_per_image)), "the shard schema and the writer disagree"
+    assert sorted(sample) == sorted(member_names(cfg.pseudo_per_image, planned.self_pair is not None)), \
+        "the shard schema and the writer disagree"
     return key, sample
 
 
@@ -271,7 +282,8 @@ def check_skipped(prepared: Prepared, cfg: ShardConfig) -> dict[str, Any]:
 def write_report(report_path: Path | None, prepared: Prepared, skip_stats: dict, extra: dict) -> None:
     if report_path is not None:
         atomic_write_json(report_path, {"skipped": prepared.index["skipped"], "skip_summary": skip_stats,
-                                        "listed_unmatched": prepared.index.get("listed_unmatched", 0), **extra})
+                                        "listed_unmatched": prepared.index.get("listed_unmatched", 0),
+                                        "self_unmatched": prepared.index.get("self_unmatched", 0), **extra})
 
 
 def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig, *, seed: int = 0,
@@ -294,8 +306,11 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
                         f"Reasons: {top}. E.g. {examples}. Full list: {report_path}")
 
     shards, pairing_stats = plan_shards(prepared, cfg, seed)
+    # The pairing lists are not in the prepared fingerprint (prepare re-reads them every run): a changed list
+    # must rewrite the shards too
+    pairs = {name: prepared.index.get(name, {}) for name in ("listed_pairs", "self_pairs")}
     expected = fingerprint({"format": FORMAT, "prepared": prepared.index["fingerprint"], "shard": cfg.to_dict(),
-                            "seed": seed, "code": code_version()})
+                            "seed": seed, "code": code_version(), "pairs": fingerprint(pairs)})
     out_dir.mkdir(parents=True, exist_ok=True)
     owned = tuple(p.name for p in out_dir.glob("*.tar")) + tuple(p.name for p in out_dir.glob(".*.tmp"))
     reset_if_stale(out_dir, expected, owned=owned + ("manifest.json", COMPLETED, *RETRIEVAL_LISTS.values()))
@@ -345,6 +360,9 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
         "skipped": {"count": skip_stats["count"], "fraction": round(skip_stats["fraction"], 6),
                     "reasons": skip_stats["reasons"]},
         "pairing": {"listed": pairing_stats["listed"], "retrieved": pairing_stats["retrieved"],
+                    "self_pairs": pairing_stats["self_pairs"],
+                    "unmatched": {"listed": prepared.index.get("listed_unmatched", 0),
+                                  "self": prepared.index.get("self_unmatched", 0)},
                     "retrieval_lists": {split: RETRIEVAL_LISTS[split] for split in pairing_stats["retrieval_lists"]}},
         "params": params if params is not None else {"shard": cfg.to_dict(), "seed": seed},
         "prepared": {"fingerprint": prepared.index["fingerprint"], "source": prepared.source},
