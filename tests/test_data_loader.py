@@ -252,6 +252,19 @@ def test_a_truncated_shard_is_named_before_it_is_read(shards, tmp_path):
         list(loader(tmp_path, verify="none"))
 
 
+def cut_at_a_header(data: bytes, _) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    return data[: members[len(members) // 2].offset]
+
+
+def test_a_shard_cut_at_a_header_is_not_taken_for_a_shorter_one(shards, tmp_path):
+    """tarfile reads a tar cut between members as a complete shorter archive; its missing end blocks give it away."""
+    path = one_shard_copy(shards, tmp_path, cut_at_a_header)
+    with pytest.raises(DataError, match=rf"{path}: unreadable tar \(truncated: no end-of-archive blocks"):
+        list(loader(tmp_path, verify="none"))
+
+
 def flip_a_jpeg_byte(data: bytes, _) -> bytes:
     at = data.index(b"\xff\xd8\xff") + 600  # inside the first JPEG's entropy-coded data
     return data[:at] + bytes([data[at] ^ 0x55]) + data[at + 1:]

@@ -74,6 +74,10 @@ def tar_index(url: str, version: tuple[int, int]) -> tuple[tuple[str, dict[str, 
             for info in (i for i in tar if i.isreg()):
                 key, _, name = info.name.partition(".")
                 samples.setdefault(key, {})[name] = (info.offset_data, info.size)
+            # tarfile takes a file cut at a header, or in the last member's data, for the end of the archive
+            if tar.offset + 2 * tarfile.BLOCKSIZE > version[1]:
+                raise tarfile.ReadError(f"truncated: no end-of-archive blocks after byte {tar.offset}, "
+                                        f"the file has {version[1]}")
     except tarfile.TarError as exc:
         raise DataError(f"{url}: unreadable tar ({exc})") from None
     return tuple(samples.items())
