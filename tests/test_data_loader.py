@@ -47,7 +47,8 @@ def keys_of(batches):
 def test_a_batch_is_compact_and_to_model_expands_it(shards):
     shard_dir, _ = shards
     batch = next(iter(loader(shard_dir, real_exemplar_prob=0.5)))
-    assert set(batch) == {"image", "exemplar", "input_map", "exemplar_map", "is_pseudo", "key"}  # no flow, no meta
+    assert set(batch) == {"image", "exemplar", "input_map", "exemplar_map", "is_pseudo", "pair", "key"}  # no flow
+    assert [p != "real" for p in batch["pair"]] == batch["is_pseudo"].tolist() and "self" not in batch["pair"]
     for name in ("image", "exemplar"):
         assert batch[name].shape == (4, 3, 32, 32) and batch[name].dtype == torch.uint8
     for name in ("input_map", "exemplar_map"):

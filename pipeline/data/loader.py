@@ -1,21 +1,25 @@
 """WebDataset shards -> compact batches, split across ranks and DataLoader workers; `to_model` expands them.
 
-    loader = make_loader("data/shards", batch_size=8, split="train", real_exemplar_prob=0.2)
+    loader = make_loader("data/shards", batch_size=8, split="train", real_exemplar_prob=0.2, video_like=False)
     for batch in loader:                     # one epoch; iterating again starts the next one (or set_epoch)
         inputs = to_model(batch, loader.label_nc, device)
 
 A batch stays compact (1 byte per pixel and channel) until it reaches the device that runs the model:
-    image, exemplar           (B, 3, H, W) uint8 RGB   x_B, and y_B: a pseudo exemplar or the real one
+    image, exemplar           (B, 3, H, W) uint8 RGB   x_B, and y_B: a pseudo exemplar, the self pair or the real one
     input_map, exemplar_map   (B, H, W) uint8 (int16 above 256 classes) class ids, or (B, C, H, W) uint8 channels
-    is_pseudo, key            (B,) bool: which of the two y_B is; list[str]
+    is_pseudo                 (B,) bool: y_B is a supervised pair (pseudo exemplar or self pair: the official
+                              self_ref, which gates the pixel-level losses), not the real exemplar
+    pair, key                 list[str]: "pseudo", "self" or "real", which y_B is; the sample keys
 with_flow=True (evaluation) adds the epoch's pseudo exemplar beside the chosen one, with its ground truth:
     pseudo, pseudo_map        as exemplar, exemplar_map
     flow, meta                (B, 2, H, W) float16 (y, x) in `pseudo` of each x_B pixel, NaN where invalid; list[dict]
 
 An epoch is a function of (seed, epoch): the shard order, each worker's shuffle buffer, and per sample (from
-seed, epoch, key) its pair (pseudo with probability 1 - real_exemplar_prob) and its pseudo exemplar (epochs walk
-a per-key permutation of the stored ones): a resumed run replays it. Shards go to ranks (RANK/WORLD_SIZE, as
-Ray Train sets them), then to DataLoader workers: an epoch over all of them reads every sample exactly once.
+seed, epoch, key) its pair (supervised with probability 1 - real_exemplar_prob, else the real exemplar) and its
+pseudo exemplar (epochs walk a per-key permutation of the stored ones): a resumed run replays it. video_like
+(the official --video_like) makes a supervised pair the sample's stored self pair where it has one, the pseudo
+exemplar otherwise. Shards go to ranks (RANK/WORLD_SIZE, as Ray Train sets them), then to DataLoader workers:
+an epoch over all of them reads every sample exactly once.
 Each process checks a shard's size and sha256 against the manifest when it first opens it (verify=). Only the
 members a sample shows are read, decoded as JPEG, PNG, NPY (allow_pickle=False) or JSON: no pickle.
 The stages that depend on the epoch read it from a multiprocessing.Value, which persistent workers see change.
@@ -29,7 +33,7 @@ import os
 import random
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator
 
 import numpy as np
 import torch
@@ -38,7 +42,8 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import bgr_to_planar_rgb, decode_jpeg_bgr, decode_json, decode_map, decode_npy
-from pipeline.data.schema import VERIFY, pseudo_members, read_manifest, stable_hash, verify_shard
+from pipeline.data.schema import (SELF_MEMBERS, VERIFY, pseudo_members, read_manifest, require_self_pairs, stable_hash,
+                                  verify_shard)
 
 IMAGES, MAPS = ("image", "exemplar", "pseudo"), ("input_map", "exemplar_map", "pseudo_map")
 
@@ -83,11 +88,12 @@ def tar_index(url: str, version: tuple[int, int]) -> tuple[tuple[str, dict[str, 
     return tuple(samples.items())
 
 
-def read_tars(shards: Iterator[dict[str, Any]], members_of: Callable[[str], list[str]],
+def read_tars(shards: Iterator[dict[str, Any]], members_of: Callable[[str, Container[str]], list[str]],
               verify: str = "full") -> Iterator[dict]:
-    """{"url", "manifest"} -> samples {"__key__", "__url__", member: bytes} of the members members_of(key) names, one
-    read each, from a shard verified against its manifest entry (verify_shard). (wds.tarfile_to_samples streams
-    every byte of every member: with several pseudo exemplars per sample, that cost as much CPU as decoding.)"""
+    """{"url", "manifest"} -> samples {"__key__", "__url__", "__members__", member: bytes} of the members
+    members_of(key, the sample's member names) names, one read each, from a shard verified against its manifest
+    entry (verify_shard). (wds.tarfile_to_samples streams every byte of every member: with several pseudo
+    exemplars per sample, that cost as much CPU as decoding.)"""
     for shard in shards:
         url, entry = shard["url"], shard["manifest"]
         with open(url, "rb") as stream:
@@ -95,8 +101,8 @@ def read_tars(shards: Iterator[dict[str, Any]], members_of: Callable[[str], list
             version = (stat.st_mtime_ns, stat.st_size)
             verify_shard(url, version, entry["sha256"], entry["bytes"], verify)
             for key, members in tar_index(url, version):
-                sample = {"__key__": key, "__url__": url}
-                for name in members_of(key):
+                sample = {"__key__": key, "__url__": url, "__members__": members.keys()}
+                for name in members_of(key, members):
                     if name not in members:
                         raise DataError(f"{url}: sample {key} has no member {name}")
                     offset, size = members[name]
@@ -110,11 +116,11 @@ class BatchDecoder:
     against the manifest. In a DataLoader worker the batch is made in shared memory: sending it copies nothing."""
 
     def __init__(self, manifest: dict[str, Any], real_exemplar_prob: float, seed: int, epoch: Any,
-                 with_flow: bool):
+                 with_flow: bool, video_like: bool = False):
         self.size, self.label_nc = tuple(manifest["image_size"]), manifest["label_nc"]
         self.encoding, self.channels = manifest["input_encoding"], manifest["input_channels"]
         self.variants, self.real_exemplar_prob = manifest["pseudo_per_image"], real_exemplar_prob
-        self.seed, self.epoch, self.with_flow = seed, epoch, with_flow
+        self.seed, self.epoch, self.with_flow, self.video_like = seed, epoch, with_flow, video_like
         ids = self.encoding == "ids"
         image = ((3, *self.size), torch.uint8, self.image)
         map_ = (self.size if ids else (self.channels, *self.size), torch.int16 if ids and self.label_nc > 256
@@ -122,19 +128,25 @@ class BatchDecoder:
         self.fields = {**dict.fromkeys(IMAGES, image), **dict.fromkeys(MAPS, map_),
                        "flow": ((2, *self.size), torch.float16, self.flow)}
 
-    def plan(self, key: str) -> tuple[bool, dict[str, str]]:
-        """-> (is_pseudo, {batch field: member}) of the sample this epoch."""
+    def plan(self, key: str, available: Container[str]) -> tuple[str, dict[str, str]]:
+        """-> (pair: "pseudo", "self" or "real", {batch field: member}) of the sample this epoch. available: the
+        sample's member names (whether it has a self pair)."""
         epoch = self.epoch.value
-        pseudo = stable_hash(self.seed, "pair", epoch, key) / 2**63 >= self.real_exemplar_prob
+        supervised = stable_hash(self.seed, "pair", epoch, key) / 2**63 >= self.real_exemplar_prob
         photo, photo_map, flow = pseudo_members(pseudo_variant(key, self.variants, self.seed, epoch))
-        fields = {"image": "image.jpg", "input_map": "input.png", "exemplar": photo if pseudo else "exemplar.jpg",
-                  "exemplar_map": photo_map if pseudo else "exemplar_input.png"}
+        if not supervised:
+            pair, exemplar = "real", ("exemplar.jpg", "exemplar_input.png")
+        elif self.video_like and SELF_MEMBERS[0] in available:
+            pair, exemplar = "self", SELF_MEMBERS
+        else:
+            pair, exemplar = "pseudo", (photo, photo_map)
+        fields = {"image": "image.jpg", "input_map": "input.png", "exemplar": exemplar[0], "exemplar_map": exemplar[1]}
         if self.with_flow:
             fields.update(pseudo=photo, pseudo_map=photo_map, flow=flow)
-        return pseudo, fields
+        return pair, fields
 
-    def members(self, key: str) -> list[str]:
-        return list(dict.fromkeys(self.plan(key)[1].values())) + (["meta.json"] if self.with_flow else [])
+    def members(self, key: str, available: Container[str]) -> list[str]:
+        return list(dict.fromkeys(self.plan(key, available)[1].values())) + (["meta.json"] if self.with_flow else [])
 
     def image(self, out: np.ndarray, data: bytes, where: str) -> None:
         bgr = decode_jpeg_bgr(data, where)
@@ -157,17 +169,17 @@ class BatchDecoder:
         out[...] = flow
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        plans = [self.plan(s["__key__"]) for s in samples]
-        batch: dict[str, Any] = {"key": [s["__key__"] for s in samples],
-                                 "is_pseudo": torch.tensor([pseudo for pseudo, _ in plans])}
+        plans = [self.plan(s["__key__"], s["__members__"]) for s in samples]
+        batch: dict[str, Any] = {"key": [s["__key__"] for s in samples], "pair": [pair for pair, _ in plans],
+                                 "is_pseudo": torch.tensor([pair != "real" for pair, _ in plans])}
         for field in plans[0][1]:
             shape, dtype, decode = self.fields[field]
             batch[field] = torch.empty((len(samples), *shape), dtype=dtype)
             if get_worker_info() is not None:
                 batch[field].share_memory_()  # of untouched pages: nothing to copy yet
             rows, twin = batch[field].numpy(), field.replace("pseudo", "exemplar")
-            for i, (sample, (pseudo, members)) in enumerate(zip(samples, plans)):
-                if field.startswith("pseudo") and pseudo:  # decoded once already, as the exemplar
+            for i, (sample, (pair, members)) in enumerate(zip(samples, plans)):
+                if field.startswith("pseudo") and pair == "pseudo":  # decoded once already, as the exemplar
                     rows[i] = batch[twin][i].numpy()
                 else:
                     name = members[field]
@@ -201,13 +213,15 @@ def to_model(batch: dict[str, Any], label_nc: int, device: torch.device | str = 
 
 class ShardLoader:
     """Compact batches of one split of a shard folder (or its manifest.json), epoch after epoch: each iter() is one
-    epoch, numbered from 0 unless set_epoch(). shuffle: default True for "train". pin_memory: for a CUDA device
-    (to_model then copies asynchronously). verify: each shard against its manifest entry when this process first
+    epoch, numbered from 0 unless set_epoch(). real_exemplar_prob, video_like: which y_B each sample gets (module
+    docstring; video_like needs shards with self pairs). shuffle: default True for "train". pin_memory: for a CUDA
+    device (to_model then copies asynchronously). verify: each shard against its manifest entry when this process first
     opens it: "full" (sha256 and size, the default: one extra read), "size", or "none". See the module docstring."""
 
     def __init__(self, shards: str | Path, *, batch_size: int, split: str = "train", real_exemplar_prob: float = 0.0,
-                 with_flow: bool = False, num_workers: int = 2, seed: int = 0, shuffle: bool | None = None,
-                 shuffle_buffer: int = 256, pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "full"):
+                 video_like: bool = False, with_flow: bool = False, num_workers: int = 2, seed: int = 0,
+                 shuffle: bool | None = None, shuffle_buffer: int = 256, pin_memory: bool = False,
+                 prefetch_factor: int = 2, verify: str = "full"):
         if not 0.0 <= real_exemplar_prob <= 1.0 or batch_size < 1:
             raise ValueError(f"need 0 <= real_exemplar_prob <= 1, batch_size >= 1: {real_exemplar_prob}, {batch_size}")
         if verify not in VERIFY:
@@ -216,6 +230,8 @@ class ShardLoader:
         info = manifest["splits"].get(split)
         if not info or not info["shards"]:
             raise DataError(f"{shard_dir}: no {split!r} shards in the manifest")
+        if video_like:
+            require_self_pairs(manifest, shard_dir / "manifest.json", split)
         self.paths = [str(shard_dir / s["name"]) for s in info["shards"]]
         missing = [p for p in self.paths if not Path(p).exists()]
         if missing:
@@ -227,7 +243,7 @@ class ShardLoader:
         self.rank, self.world_size, _, _ = wds.utils.pytorch_worker_info()
         self.workers = min(num_workers, len(self.paths[self.rank :: self.world_size]))  # none idle
         self.epoch, self.shared_epoch = 0, multiprocessing.Value("q", 0, lock=False)
-        decoder = BatchDecoder(manifest, real_exemplar_prob, seed, self.shared_epoch, with_flow)
+        decoder = BatchDecoder(manifest, real_exemplar_prob, seed, self.shared_epoch, with_flow, video_like)
         shuffle = split == "train" if shuffle is None else shuffle
         entries = dict(zip(self.paths, info["shards"]))
         stages = [functools.partial(epoch_shards, entries, seed, self.shared_epoch, shuffle), wds.split_by_node,

@@ -44,6 +44,9 @@ class TrainConfig:
     amp: Amp = "none"  # bf16 / fp16 autocast on CUDA; ignored (with a log line) on CPU
     seed: int = 0
     real_exemplar_prob: float = 0.2  # share of real exemplars; the rest are pseudo pairs (x_B distorted)
+    # The official --video_like: the supervised pairs (the 1 - real_exemplar_prob) use the sample's self pair (the
+    # same subject in another view, e.g. deepfashion_self_pair.txt) where it has one, else a pseudo exemplar
+    video_like: bool = False
     vgg_weights: str = "random"  # path to vgg19_conv.pth / torchvision VGG19, "imagenet", or "random"
     loss: Mapping[str, float] = field(default_factory=dict)  # overrides of model.losses.LossWeights
     # Divergence guard (pipeline/train/guard.py): stop when |G or D total loss| exceeds divergence_factor x its

@@ -41,8 +41,7 @@ import pipeline as pipeline_package
 from model import ModelConfig
 from pipeline import tracking, viz
 from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
-from pipeline.data.schema import verify_split
-from pipeline.data.schema import read_manifest
+from pipeline.data.schema import read_manifest, require_self_pairs, verify_split
 from pipeline.model_files import export_model
 from pipeline.tracking import MlflowConfig
 from pipeline.train.checkpoint import find_checkpoint, load_state
@@ -321,6 +320,8 @@ def resolve(params: Mapping[str, Any], shards: str | Path = "data/shards", base:
     manifest, _ = read_manifest(shard_dir)
     train_cfg, model_cfg, mlflow_cfg = configs_from_params(params, manifest)
     verify_split(shard_dir, "train", train_cfg.verify_shards)  # a bad shard is no worker failure for Ray to retry
+    if train_cfg.video_like:  # as a bad shard: fail here, not in every worker
+        require_self_pairs(manifest, shard_dir / "manifest.json", "train")
     if train_cfg.vgg_weights not in ("random", "imagenet"):
         train_cfg = dataclasses.replace(train_cfg, vgg_weights=str((base / train_cfg.vgg_weights).resolve()))
     resume_from = train_cfg.resume_from

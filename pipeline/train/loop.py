@@ -169,7 +169,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         say(f"train.amp={cfg.amp} needs CUDA; training on {device.type} in full precision")
 
     loader = make_loader(config["shards"], batch_size=cfg.batch_size, split="train",
-                         real_exemplar_prob=cfg.real_exemplar_prob, num_workers=cfg.loader_workers, seed=cfg.seed,
+                         real_exemplar_prob=cfg.real_exemplar_prob, video_like=cfg.video_like,
+                         num_workers=cfg.loader_workers, seed=cfg.seed,
                          pin_memory=device.type == "cuda", verify=cfg.verify_shards)
     if (loader.rank, loader.world_size) != (rank, world_size):  # it splits shards by RANK/WORLD_SIZE
         raise RuntimeError(f"rank {rank} of {world_size}: the environment says {loader.rank} of {loader.world_size}")
