@@ -175,3 +175,10 @@ def test_the_official_deepfashion_recipe_trains_video_like_on_self_pairs_only():
     for path in ("params/deepfashion-512-gpu.yaml", "params/deepfashion-v1.yaml"):
         train = TrainConfig.from_dict(section(load_params(REPO_ROOT / path), "train"))
         assert train.video_like and train.real_exemplar_prob == 0.0, path
+
+
+def test_the_training_driver_refuses_video_like_without_self_pairs_before_it_starts_ray(train_shards, tmp_path):
+    from pipeline.train.launch import resolve
+
+    with pytest.raises(DataError, match=rf"{train_shards}/manifest.json: video_like needs self pairs"):
+        resolve({"model": {}, "train": {"video_like": True}}, train_shards, tmp_path)
