@@ -24,7 +24,8 @@ SELF_PAIRS = "\n".join([  # the official spellings: backslashes, with and withou
     r"img\MEN\Denim\id_00000000\00_1_front.jpg,img\MEN\Denim\id_00000000\01_1_front.jpg",
     "img/MEN/Denim/id_00000000/01_1_front.jpg,img/MEN/Denim/id_00000000/00_1_front.jpg",
     # the first listed is no image (counted unmatched), the next one is used
-    "MEN/Denim/id_00000001/00_1_front.jpg,img/MEN/Denim/id_00000009/00_1_front.jpg,MEN/Denim/id_00000001/01_1_front.jpg",
+    "MEN/Denim/id_00000001/00_1_front.jpg,img/MEN/Denim/id_00000009/00_1_front.jpg,"
+    "MEN/Denim/id_00000001/01_1_front.jpg",
     "img/MEN/Denim/id_00000002/00_1_front.jpg,img/MEN/Denim/id_00000002/00_1_front.jpg",  # only itself: no pair
     "img/WOMEN/Dresses/id_00000005/02_1_front.jpg,img/MEN/Denim/id_00000002/01_1_front.jpg",  # not in the dataset
 ]) + "\n"
@@ -77,7 +78,8 @@ def test_the_prepare_stage_prints_the_pairing_counts(tmp_path, monkeypatch, caps
 
 def test_a_broken_self_pair_line_names_the_file_and_line(tmp_path):
     root = make_deepfashion(tmp_path / "deepfashionHD", n=2)
-    (root / "deepfashion_self_pair.txt").write_text(SELF_PAIRS.splitlines()[0] + "\nimg/MEN/Denim/id_00000000/01_1_front.jpg\n")
+    broken = "img/MEN/Denim/id_00000000/01_1_front.jpg"  # a name and no pair
+    (root / "deepfashion_self_pair.txt").write_text(f"{SELF_PAIRS.splitlines()[0]}\n{broken}\n")
     source = get_source("deepfashion", root=str(root), task="pose", image_size=32, label_nc=20)
     with pytest.raises(DataError, match=r"deepfashion_self_pair\.txt:2: expected 'name,ref1,...'"):
         source.self_pair_lists()
