@@ -11,11 +11,12 @@ import torch
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import decode_jpeg
 from pipeline.data.loader import make_loader
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import get_source
 from pipeline.params import load_params, section
 from pipeline.train.config import TrainConfig
 from tests.conftest import REPO_ROOT
-from tests.test_data_helpers import build_shards, make_deepfashion
+from tests.test_data_helpers import build_shards, make_deepfashion, make_folder
 from tests.test_data_loader import shard_members
 
 SOURCE = dict(source="deepfashion", task="pose", image_size=32, label_nc=20)
@@ -74,6 +75,16 @@ def test_the_prepare_stage_prints_the_pairing_counts(tmp_path, monkeypatch, caps
     assert main(["prepare"]) == 0
     assert "8 images ready, 0 skipped; pairing lists: 0 listed exemplars, 3 self pairs, 2 names that match no " \
            "image" in capsys.readouterr().out
+
+
+def test_a_folder_lists_exemplars_and_self_pairs_by_relative_path_or_file_name(tmp_path):
+    root = make_folder(tmp_path / "photos", n=4)  # a/photo 1.v2.png, a/photo 3.v2.png, b/photo 0.v2.png, ...
+    (root / "pairs.txt").write_text("a/photo 1.v2.png,b/photo 0.v2.png\n")
+    (root / "self_pairs.txt").write_text("photo 1.v2.png,a/photo 3.v2.png\nb/photo 2.v2.png,c/missing.png\n")
+    source = get_source("folder", root=str(root), task="edge", image_size=32, label_nc=1)
+    index = prepare_dataset(source, tmp_path / "prepared", progress=False)
+    assert index["listed_pairs"] == {"a/photo_1_v2": ["b/photo_0_v2"]}
+    assert index["self_pairs"] == {"a/photo_1_v2": ["a/photo_3_v2"]} and index["self_unmatched"] == 1
 
 
 def test_a_broken_self_pair_line_names_the_file_and_line(tmp_path):

@@ -6,12 +6,14 @@ from pipeline.data.imageio import fit, read_photo
 from pipeline.data.maps import as_edge_map, canny_edges
 from pipeline.data.sources.base import PHOTO_SUFFIXES, Example, ItemRef, Source, find_photos, safe_name, unique_items
 
-PAIRING_LIST = "pairs.txt"  # optional: "photo,ref1,ref2,..." with paths relative to the folder
+PAIRING_LIST = "pairs.txt"  # optional: "photo,ref1,ref2,..." with paths relative to the folder (or file names)
+SELF_PAIR_LIST = "self_pairs.txt"  # optional, same format: the same scene in another view (e.g. another frame)
 
 
 class FolderSource(Source):
     name = "folder"
     pairing_files = (PAIRING_LIST,)
+    self_pair_files = (SELF_PAIR_LIST,)
     tasks = ("edge",)
     input_encoding = "channels"
 
