@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.data.errors import DataError
-from pipeline.data.imageio import decode_jpeg
-from pipeline.data.loader import make_loader
+from pipeline.data.imageio import decode_jpeg, decode_npy
+from pipeline.data.loader import make_loader, pseudo_variant
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import get_source
 from pipeline.params import load_params, section
@@ -49,6 +49,10 @@ def shards(tmp_path_factory):
     (root / "deepfashion_self_pair.txt").write_text(SELF_PAIRS)
     shard_dir, manifest = build_shards(work, root=str(root), **SOURCE)
     return shard_dir, manifest, shard_members(shard_dir, manifest, "train")
+
+
+def chw(jpeg: bytes) -> torch.Tensor:
+    return torch.from_numpy(decode_jpeg(jpeg)).permute(2, 0, 1)
 
 
 def loader(shard_dir, **kw):
@@ -131,8 +135,7 @@ def test_video_like_trains_on_the_self_pair_where_a_sample_has_one(shards):
             members = samples[sample_key]
             assert pair == ("self" if "self.jpg" in members else "pseudo")
             if pair == "self":
-                expected = torch.from_numpy(decode_jpeg(members["self.jpg"])).permute(2, 0, 1)
-                assert torch.equal(batch["exemplar"][row], expected)
+                assert torch.equal(batch["exemplar"][row], chw(members["self.jpg"]))
     for epoch, pairs in pairs_by_epoch(shard_dir, video_like=True).items():
         assert {k for k, (p, _) in pairs.items() if p == "self"} == {key(n) for n in WITH_PAIR}, epoch
 
@@ -161,12 +164,14 @@ def test_video_like_pairs_are_a_function_of_seed_epoch_and_key(shards):
 def test_the_evaluation_view_keeps_the_pseudo_exemplar_and_its_flow_beside_a_self_pair(shards):
     shard_dir, _, samples = shards
     batch = next(iter(loader(shard_dir, batch_size=6, video_like=True, with_flow=True)))
+    assert set(batch["pair"]) == {"self", "pseudo"}
     for row, (sample_key, pair) in enumerate(zip(batch["key"], batch["pair"])):
-        pseudo = [torch.from_numpy(decode_jpeg(samples[sample_key][f"pseudo.{k}.jpg"])).permute(2, 0, 1)
-                  for k in range(2)]
-        assert any(torch.equal(batch["pseudo"][row], p) for p in pseudo)  # a stored pseudo exemplar, not the pair
+        k = pseudo_variant(sample_key, 2, seed=0, epoch=0)  # the epoch's stored pseudo exemplar and its flow
+        members = samples[sample_key]
+        assert torch.equal(batch["pseudo"][row], chw(members[f"pseudo.{k}.jpg"]))
+        flow = torch.from_numpy(decode_npy(members[f"pseudo_flow.{k}.npy"], "flow"))
+        assert torch.equal(batch["flow"][row].nan_to_num(-1), flow.nan_to_num(-1))
         assert torch.equal(batch["exemplar"][row], batch["pseudo"][row]) == (pair == "pseudo")
-    assert batch["flow"].shape == (6, 2, 32, 32)
 
 
 def test_video_like_needs_shards_with_self_pairs(shards, tmp_path):
