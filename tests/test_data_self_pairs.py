@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.data.errors import DataError
-from pipeline.data.imageio import decode_jpeg, decode_npy
+from pipeline.data.imageio import decode_jpeg, decode_map, decode_npy
 from pipeline.data.loader import make_loader, pseudo_variant
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import get_source
@@ -136,6 +136,8 @@ def test_video_like_trains_on_the_self_pair_where_a_sample_has_one(shards):
             assert pair == ("self" if "self.jpg" in members else "pseudo")
             if pair == "self":
                 assert torch.equal(batch["exemplar"][row], chw(members["self.jpg"]))
+                pose = decode_map(members["self_input.png"], "channels", 20, "self_input.png")
+                assert torch.equal(batch["exemplar_map"][row], torch.from_numpy(pose))
     for epoch, pairs in pairs_by_epoch(shard_dir, video_like=True).items():
         assert {k for k, (p, _) in pairs.items() if p == "self"} == {key(n) for n in WITH_PAIR}, epoch
 
