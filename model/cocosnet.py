@@ -22,6 +22,7 @@ class CoCosNetOutput:
     candidates: list[torch.Tensor]  # per PatchMatch level (B, h*w, K) flat candidate indices
     domain_features: list[tuple[torch.Tensor, torch.Tensor]] | None  # L_domain pairs, when a target is given
     warp_mask: torch.Tensor | None = None  # v1: (B, label_nc, H/4, W/4) the exemplar map warped
+    matching: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # v2: per level (query, key) unit features
 
 
 class CoCosNet(nn.Module):
@@ -56,7 +57,7 @@ class CoCosNet(nn.Module):
         corr = self.correspondence(input_map, exemplar, exemplar_map, target)
         image = self.generate(input_map, corr.warped)
         return CoCosNetOutput(image, corr.warped, corr.matches, corr.cycle, corr.candidates, corr.domain_features,
-                              getattr(corr, "warp_mask", None))
+                              getattr(corr, "warp_mask", None), getattr(corr, "matching", None))
 
     def _check_inputs(self, input_map, exemplar, exemplar_map) -> None:
         h, w = self.cfg.image_size

@@ -85,6 +85,7 @@ class CorrespondenceOutput:
     cycle: torch.Tensor | None  # (B, 3, h0, w0), training only
     candidates: list[torch.Tensor]  # per PatchMatch level (B, h*w, K) flat candidate indices
     domain_features: list[tuple[torch.Tensor, torch.Tensor]] | None  # (from x_A, from x_B) per level
+    matching: list[tuple[torch.Tensor, torch.Tensor]]  # coarse -> fine (query, key) (B, nef, h, w) unit features
 
 
 class Correspondence(nn.Module):
@@ -119,10 +120,11 @@ class Correspondence(nn.Module):
             feats_pair = self.adaptive_model_img(torch.cat([target, input_map], dim=1), adaptor_ckpt)
             domain = list(zip(feats_a, feats_pair))
         center = self.cfg.pono_c
-        warped, matches, candidates, cycle, best = [], [], [], None, None
+        warped, matches, candidates, matching, cycle, best = [], [], [], [], None, None
         for i in range(len(feats_a)):
             query = matching_features(getattr(self, f"theta_{i}")(feats_a[i]), center)
             key = matching_features(getattr(self, f"phi_{i}")(feats_b[i]), center)
+            matching.append((query, key))
             size = tuple(query.shape[-2:])
             image = downsample_to(exemplar, size)
             if best is None:
@@ -135,4 +137,4 @@ class Correspondence(nn.Module):
                 best = res.first if self.cfg.official_compat else res.best
             warped.append(res.warp)
             matches.append(res.best)
-        return CorrespondenceOutput(warped, matches, cycle, candidates, domain)
+        return CorrespondenceOutput(warped, matches, cycle, candidates, domain, matching)

@@ -152,6 +152,7 @@ class LossWeights:
     domain: float = 10.0  # L1 between the two domain adaptors' features (official weight_novgg_featpair)
     pixel: float = 0.0  # L1 between output and target on pseudo pairs (not in the official code: 0 there)
     mask: float = 0.0  # v1: NLL of the warped exemplar map vs the input's classes (official --weight_mask)
+    flow: float = 0.0  # v2: InfoNCE of the matching features at the pseudo pairs' true matches (not official: 0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -214,6 +215,44 @@ def warp_mask_loss(warp_mask: torch.Tensor, input_map: torch.Tensor, exemplar_ma
         return (nll * weights).sum() / (weights.sum() + 1e-5)
 
 
+def flow_nce(query: torch.Tensor, key: torch.Tensor, flow: torch.Tensor, valid: torch.Tensor, temperature: float,
+             samples: int = 256, max_keys: int = 4096) -> torch.Tensor:
+    """InfoNCE of one level's matching features against the ground-truth correspondence. -> scalar.
+
+    query, key (B, C, h, w) unit features of the input and the exemplar; flow (B, 2, H, W) each input pixel's
+    (row, col) in the exemplar at full resolution, valid (B, 1, H, W) bool (pixels with a known match). Up to
+    `samples` valid level pixels per image are drawn; each must score its true match (the level pixel nearest to
+    it) above every other key, with the attention's own scale 1 / temperature. Levels of more than `max_keys`
+    pixels compare against a random `max_keys` of them (the true match always included), so the cost does not
+    grow with the resolution. Pseudo pairs carry exact flow, so this trains the features the warps are read
+    through directly, where the warp losses reach them only through what the softmax happened to pick.
+    """
+    b, c, h, w = query.shape
+    scale = torch.tensor([h / flow.shape[-2], w / flow.shape[-1]], device=flow.device).view(1, 2, 1, 1)
+    level_flow = F.interpolate(flow.float(), size=(h, w), mode="nearest")
+    level_valid = F.interpolate(valid.float(), size=(h, w), mode="nearest").bool().flatten(1)  # (B, hw)
+    target = ((level_flow + 0.5) * scale - 0.5).round().long()
+    target = (target[:, 0].clamp(0, h - 1) * w + target[:, 1].clamp(0, w - 1)).flatten(1)  # (B, hw)
+    q_rows, k_rows = query.flatten(2).transpose(1, 2), key.flatten(2).transpose(1, 2)  # (B, hw, C)
+    losses = []
+    for i in range(b):
+        picked = level_valid[i].nonzero().squeeze(1)
+        if picked.numel() == 0:
+            continue
+        picked = picked[torch.randperm(picked.numel(), device=picked.device)[:samples]]
+        truth = target[i, picked]  # (P,)
+        keys = k_rows[i]
+        if h * w > max_keys:  # negatives: a random subset, with the true matches in front
+            others = torch.randperm(h * w, device=keys.device)[:max_keys]
+            pool = torch.cat([truth, others])
+            keys, truth = keys[pool], torch.arange(truth.numel(), device=keys.device)
+        logits = q_rows[i, picked].float() @ keys.float().t() / temperature  # (P, keys)
+        if h * w > max_keys:  # a true match drawn again among the negatives is no negative
+            logits[:, truth.numel():].masked_fill_(others[None, :] == pool[:truth.numel(), None], float("-inf"))
+        losses.append(F.cross_entropy(logits, truth))
+    return torch.stack(losses).mean() if losses else query.sum() * 0.0
+
+
 def _resize_to(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Average-pool (B, C, H, W) to like's (h, w); equals avg_pool2d(k=s=H/h) when it divides."""
     return F.adaptive_avg_pool2d(image, like.shape[-2:])
@@ -248,15 +287,16 @@ class CoCosNetLoss(nn.Module):
     photo) pairs, already normalised, or None; ``warp_mask`` (v1) or None.
 
     ``finest_warp_only``: the warp-to-target term supervises only the last (full-resolution) warp, as
-    CoCosNet v1 does; v2 supervises every level. Every returned term is already weighted; a term whose
-    weight is 0 is absent.
+    CoCosNet v1 does; v2 supervises every level. ``temperature``: the model's, the scale of the flow term's
+    InfoNCE (``batch`` then also holds ``flow`` and ``flow_valid``, valid only where the exemplar is the pseudo
+    exemplar the flow belongs to). Every returned term is already weighted; a term whose weight is 0 is absent.
     """
 
     def __init__(self, weights: LossWeights, vgg: VGG19, discriminator: MultiscaleDiscriminator,
-                 finest_warp_only: bool = False):
+                 finest_warp_only: bool = False, temperature: float = 0.01):
         super().__init__()
         self.weights = weights
-        self.finest_warp_only = finest_warp_only
+        self.finest_warp_only, self.temperature = finest_warp_only, temperature
         self.vgg = vgg.eval().requires_grad_(False)
         self.discriminator = discriminator
 
@@ -277,7 +317,8 @@ class CoCosNetLoss(nn.Module):
         return [[f[:b] for f in d] for d in both], [[f[b:] for f in d] for d in both]
 
     def generator_loss(self, batch: Mapping[str, torch.Tensor], out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp, pixel, mask.
+        """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp, pixel, flow,
+        mask.
 
         Gradients reach ``out``'s tensors, never the VGG or the discriminator.
         """
@@ -331,6 +372,11 @@ class CoCosNetLoss(nn.Module):
             terms["warp"] = w.warp_self * sum(
                 weighted_l1(level, _resize_to(target, level), sample_weights) for level in supervised
             )
+
+        matching = getattr(out, "matching", None)
+        if w.flow and matching:
+            terms["flow"] = w.flow * sum(flow_nce(q, k, batch["flow"], batch["flow_valid"], self.temperature)
+                                         for q, k in matching) / len(matching)
 
         warp_mask = getattr(out, "warp_mask", None)
         if w.mask and warp_mask is not None:

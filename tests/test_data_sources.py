@@ -70,6 +70,25 @@ def test_grain_textures_make_most_matches_identifiable():
         get_source("synthetic", task="mask", image_size=32, label_nc=12, textures=["fur"])
 
 
+def test_synthetic_edges_of_the_photo_carry_the_texture_regions_only_their_boundaries():
+    """data.synthetic.edges: "regions" (the default) draws region boundaries only, "photo" the Canny edges of the
+    rendered photo, whose textures add edges inside the regions."""
+    from pipeline.data.maps import label_boundaries
+
+    options = dict(task="edge", image_size=64, label_nc=1, seed=0, num_images=3, textures=["checker"])
+    regions = load_all(get_source("synthetic", **options))
+    photo = load_all(get_source("synthetic", edges="photo", **options))
+    for name, example in regions.items():
+        labels = get_source("synthetic", **options).scene(int(name))[0]
+        assert np.array_equal(example.input_map[0] > 0, label_boundaries(labels))
+        inside = ~label_boundaries(labels)
+        assert (photo[name].input_map[0][inside] > 0).mean() > 0.05  # the checkers' edges
+        assert np.array_equal(photo[name].photo, example.photo)
+    assert get_source("synthetic", edges="photo", **options).describe()["edges"] == "photo"
+    with pytest.raises(DataError, match="edges must be one of"):
+        get_source("synthetic", edges="canny", **options)
+
+
 def test_render_translates_a_layout_with_another_palette():
     source = get_source("synthetic", task="mask", image_size=32, label_nc=12, seed=0, num_images=2)
     (labels_a, palette_a), (labels_b, palette_b) = source.scene(0), source.scene(1)

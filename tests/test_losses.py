@@ -14,6 +14,7 @@ from model.losses import (
     CoCosNetLoss,
     LossWeights,
     contextual_loss,
+    flow_nce,
     gan_feature_matching,
     hinge_d_loss,
     hinge_g_loss,
@@ -112,6 +113,7 @@ def test_loss_weight_defaults_are_the_official_deepfashionhd_values():
         "contextual": 1.0, "warp_self": 500.0, "warp_cycle": 1.0, "domain": 10.0,
         "pixel": 0.0,  # not an official term: off unless asked for
         "perceptual_r52": 0.0, "mask": 0.0,  # v1 terms, off in the v2 command
+        "flow": 0.0,  # not an official term
     }
 
 
@@ -309,3 +311,53 @@ def test_discriminator_terms_are_weighted_hinge(vgg):
     torch.testing.assert_close(terms_eval["d_fake"], expected_fake)
     torch.testing.assert_close(terms_eval["d_real"], expected_real)
     assert torch.isfinite(terms["d_fake"]) and torch.isfinite(terms["d_real"])
+
+
+# ----------------------------------------------------------------------------- flow InfoNCE
+
+
+def _flow_pair(h: int, w: int, size: int, seed: int = 0):
+    """Unit features where the key at p + (1, 2) equals the query at p (a shift, as flow (B, 2, size, size) in
+    full-resolution pixels), random elsewhere; the valid mask excludes pixels whose match leaves the frame."""
+    g = torch.Generator().manual_seed(seed)
+    query = F.normalize(torch.randn(1, 16, h, w, generator=g), dim=1)
+    key = F.normalize(torch.randn(1, 16, h, w, generator=g), dim=1)
+    key[:, :, 1:, 2:] = query[:, :, :-1, :-2]
+    s = size // h
+    rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    flow = torch.stack([rows + s, cols + 2 * s])[None]
+    valid = ((flow[:, :1] < size) & (flow[:, 1:] < size))
+    return query, key, flow, valid
+
+
+@pytest.mark.parametrize("h, max_keys", [(8, 4096), (16, 40)])  # all keys; a random subset of them
+def test_flow_nce_is_low_for_features_that_match_and_high_for_random_ones(h, max_keys):
+    query, key, flow, valid = _flow_pair(h, h, 32)
+    matched = flow_nce(query, key, flow, valid, temperature=0.05, max_keys=max_keys)
+    shuffled = flow_nce(query, key[:, :, torch.randperm(h), :], flow, valid, temperature=0.05, max_keys=max_keys)
+    assert matched < 0.05 and shuffled > 2.0, (matched, shuffled)
+
+
+def test_flow_nce_reaches_both_features_and_skips_samples_without_valid_pixels():
+    query, key, flow, valid = _flow_pair(8, 8, 32)
+    query, key = (torch.cat([t, t]).requires_grad_(True) for t in (query, key))
+    flow, valid = torch.cat([flow, flow]), torch.cat([valid, torch.zeros_like(valid)])
+    loss = flow_nce(query * 2, key * 2, flow, valid, temperature=0.5)  # not unit: a gradient to follow
+    loss.backward()
+    assert query.grad[0].abs().sum() > 0 and key.grad[0].abs().sum() > 0
+    assert query.grad[1].abs().sum() == 0  # the second sample has no valid pixel
+    none = flow_nce(query, key, flow, torch.zeros_like(valid), temperature=0.5)
+    assert none == 0 and none.requires_grad
+
+
+def test_flow_term_is_the_nce_of_the_matching_features(vgg):
+    query, key, flow, valid = _flow_pair(8, 8, H)
+    batch = {**_batch(), "flow": flow.expand(B, -1, -1, -1), "flow_valid": valid.expand(B, -1, -1, -1)}
+    out = _out()
+    out.matching = [(query.expand(B, -1, -1, -1), key[:, :, torch.randperm(8), :].expand(B, -1, -1, -1))]
+    torch.manual_seed(0)
+    _, terms = _criterion(vgg, vgg=0.0, perceptual=0.0, flow=2.0).generator_loss(batch, out)
+    torch.manual_seed(0)
+    expected = flow_nce(*out.matching[0], batch["flow"], batch["flow_valid"], 0.01)
+    torch.testing.assert_close(terms["flow"], 2.0 * expected)
+    assert "flow" not in _criterion(vgg, vgg=0.0, perceptual=0.0).generator_loss(batch, out)[1]

@@ -149,6 +149,15 @@ def restore(parts: TrainParts, config: dict[str, Any], rank: int) -> tuple[int, 
 # ---------------------------------------------------------------- the loop
 
 
+def flow_of_shown_pseudo(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch's ground-truth flow (loss.flow) belongs to the epoch's pseudo exemplar: keep it valid only for the
+    samples whose exemplar is that pseudo exemplar."""
+    if "flow" in batch:
+        shown = torch.tensor([pair == "pseudo" for pair in batch["pair"]], device=batch["flow_valid"].device)
+        batch["flow_valid"] = batch["flow_valid"] & shown.view(-1, 1, 1, 1)
+    return batch
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig.from_dict(config["train"])
     model_cfg = ModelConfig.from_dict(config["model"])
@@ -170,7 +179,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     loader = make_loader(config["shards"], batch_size=cfg.batch_size, split="train",
                          real_exemplar_prob=cfg.real_exemplar_prob, video_like=cfg.video_like,
-                         num_workers=cfg.loader_workers, seed=cfg.seed,
+                         with_flow=cfg.loss_weights.flow > 0, num_workers=cfg.loader_workers, seed=cfg.seed,
                          pin_memory=device.type == "cuda", verify=cfg.verify_shards)
     if (loader.rank, loader.world_size) != (rank, world_size):  # it splits shards by RANK/WORLD_SIZE
         raise RuntimeError(f"rank {rank} of {world_size}: the environment says {loader.rank} of {loader.world_size}")
@@ -199,7 +208,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     divergence = DivergenceGuard(cfg.divergence_factor, cfg.divergence_warmup)
     for step in range(start_step + 1, cfg.steps + 1):
         audit.before_step(step, last_checkpoint, parts)
-        batch = to_model(next(stream), model_cfg.label_nc, device)
+        batch = flow_of_shown_pseudo(to_model(next(stream), model_cfg.label_nc, device))
         audit.read(position.epoch, batch["key"])
         rates = cfg.rates(step, position.epoch)
         set_rates(parts, *rates)

@@ -93,8 +93,8 @@ def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr:
     use_scaler = amp_dtype == torch.float16
     finest_warp_only = model_cfg.version == 1  # v1 supervises its full-resolution warp, v2 every level
     return TrainParts(net=wrapped_net, discriminator=wrapped_d,
-                      g_loss=CoCosNetLoss(weights, vgg, discriminator, finest_warp_only),
-                      d_loss=CoCosNetLoss(weights, vgg, wrapped_d, finest_warp_only),
+                      g_loss=CoCosNetLoss(weights, vgg, discriminator, finest_warp_only, model_cfg.temperature),
+                      d_loss=CoCosNetLoss(weights, vgg, wrapped_d, finest_warp_only, model_cfg.temperature),
                       opt_g=opt_g, opt_d=opt_d,
                       scaler_g=torch.amp.GradScaler(device.type, enabled=use_scaler),
                       scaler_d=torch.amp.GradScaler(device.type, enabled=use_scaler),

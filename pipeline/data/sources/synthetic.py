@@ -14,12 +14,17 @@ import cv2
 import numpy as np
 
 from pipeline.data.errors import DataError
-from pipeline.data.maps import as_edge_map, label_boundaries
+from pipeline.data.maps import as_edge_map, canny_edges, label_boundaries
 from pipeline.data.sources.base import Example, ItemRef, Source
 
 TEXTURE_KINDS = ("flat", "stripes", "checker", "dots", "gradient", "noise")  # the default draw
 ALL_TEXTURES = (*TEXTURE_KINDS, "grain")  # grain: fine two-octave noise, every pixel identifiable
 REGION_KINDS = ("band", "blob", "polygon", "disc")
+# Edge task inputs: "regions" draws only the region boundaries (a pixel inside a region is placed by its distance to
+# them alone); "photo" takes Canny edges of the rendered photo, as the CelebA-HQ edge task does, so the texture's
+# own geometry is in the input and every textured pixel's match is determined by the input, not only identifiable
+# in the exemplar.
+EDGE_KINDS = ("regions", "photo")
 Palette = list[dict[str, Any]]  # one entry per class id: {"color", "color2", "texture": {"kind", ...}}
 
 
@@ -181,7 +186,7 @@ class SyntheticSource(Source):
 
     def __init__(self, *, root=None, task: str = "mask", image_size=(64, 64), label_nc: int = 12, seed: int = 0,
                  num_images: int = 320, min_regions: int = 4, max_regions: int = 9, num_classes: int | None = None,
-                 textures: list[str] | tuple[str, ...] = TEXTURE_KINDS):
+                 textures: list[str] | tuple[str, ...] = TEXTURE_KINDS, edges: str = "regions"):
         super().__init__(root=None, task=task, image_size=image_size, label_nc=label_nc, seed=seed)
         self.num_classes = num_classes if num_classes is not None else (label_nc if task == "mask" else 12)
         if self.num_classes < 9:
@@ -192,8 +197,10 @@ class SyntheticSource(Source):
         if task == "mask" and label_nc != self.num_classes:
             raise DataError(f"synthetic mask task: data.label_nc ({label_nc}) must equal the number of classes "
                             f"({self.num_classes}, background included)")
+        if edges not in EDGE_KINDS:
+            raise DataError(f"synthetic: edges must be one of {list(EDGE_KINDS)}, got {edges!r}")
         if task == "edge":
-            self.check_label_nc(1, "a region-boundary edge map")
+            self.check_label_nc(1, "an edge map")
             self.input_encoding = "channels"
         if not 1 <= min_regions <= max_regions:
             raise DataError(f"synthetic: need 1 <= min_regions <= max_regions, got {min_regions}, {max_regions}")
@@ -203,11 +210,12 @@ class SyntheticSource(Source):
         if unknown or not textures:
             raise DataError(f"synthetic: textures must be a non-empty list of {list(ALL_TEXTURES)}, got {list(textures)}")
         self.num_images, self.min_regions, self.max_regions = num_images, min_regions, max_regions
-        self.textures = tuple(textures)
+        self.textures, self.edges = tuple(textures), edges
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_images": self.num_images, "min_regions": self.min_regions,
-                "max_regions": self.max_regions, "num_classes": self.num_classes, "textures": list(self.textures)}
+                "max_regions": self.max_regions, "num_classes": self.num_classes, "textures": list(self.textures),
+                **({"edges": self.edges} if self.task == "edge" else {})}
 
     def items(self) -> list[ItemRef]:
         return [ItemRef(name=f"{i:06d}", path=f"synthetic:{i}", files={"index": i}) for i in range(self.num_images)]
@@ -224,5 +232,6 @@ class SyntheticSource(Source):
         if self.task == "mask":
             input_map = labels
         else:
-            input_map = as_edge_map(label_boundaries(labels))[None]
+            edges = label_boundaries(labels) if self.edges == "regions" else canny_edges(photo)
+            input_map = as_edge_map(edges)[None]
         return Example(photo=photo, input_map=input_map, meta={"palette": palette})
