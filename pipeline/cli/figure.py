@@ -13,7 +13,7 @@ Translate the first distinct images of a shard split with their real exemplars (
 listed exemplar of each sample) and save one PNG: a row per image, columns input | exemplar |
 warped exemplar (finest level) | output, tiles upscaled to at least 192 pixels.
 
-  cocosnet figure --model models --shards data/shards --out docs/figures/translate_default.png
+  cocosnet figure --model models --shards data/shards --out docs/figures/quality.png
 """
 
 
