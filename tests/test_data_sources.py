@@ -89,6 +89,27 @@ def test_synthetic_edges_of_the_photo_carry_the_texture_regions_only_their_bound
         get_source("synthetic", edges="canny", **options)
 
 
+def test_synthetic_textures_by_class_keep_each_class_look_across_images():
+    """data.synthetic.textures_by: "class" gives a class one texture kind and geometry in every image (colours and
+    pattern instances stay per image), so an exemplar's regions can be told apart by class; "image" (the default)
+    draws them anew per image and is unchanged by the option."""
+    options = dict(task="edge", image_size=32, label_nc=1, seed=0, num_images=6, textures=["grain", "checker", "dots"])
+    by_class = get_source("synthetic", textures_by="class", **options)
+    palettes = [by_class.scene(i)[1] for i in range(6)]
+    geometry = lambda entry: {k: v for k, v in entry["texture"].items() if k != "seed"}  # noqa: E731
+    for class_id in range(by_class.num_classes):
+        assert len({str(geometry(p[class_id])) for p in palettes}) == 1
+    assert len({str(p[1]["color"]) for p in palettes}) == 6  # colours stay per image
+    grain = [c for c in range(by_class.num_classes) if palettes[0][c]["texture"]["kind"] == "grain"]
+    assert grain and len({p[grain[0]]["texture"]["seed"] for p in palettes}) == 6  # another instance each time
+    by_image = [get_source("synthetic", **options).scene(i)[1] for i in range(6)]
+    assert any(len({str(geometry(p[c])) for p in by_image}) > 1 for c in range(by_class.num_classes))
+    assert by_image == [get_source("synthetic", textures_by="image", **options).scene(i)[1] for i in range(6)]
+    assert by_class.describe()["textures_by"] == "class"
+    assert "textures_by" not in get_source("synthetic", **options).describe()  # default shards keep their fingerprint
+    with pytest.raises(DataError, match="textures_by must be one of"):
+        get_source("synthetic", textures_by="region", **options)
+
 def test_render_translates_a_layout_with_another_palette():
     source = get_source("synthetic", task="mask", image_size=32, label_nc=12, seed=0, num_images=2)
     (labels_a, palette_a), (labels_b, palette_b) = source.scene(0), source.scene(1)

@@ -25,6 +25,12 @@ REGION_KINDS = ("band", "blob", "polygon", "disc")
 # own geometry is in the input and every textured pixel's match is determined by the input, not only identifiable
 # in the exemplar.
 EDGE_KINDS = ("regions", "photo")
+# Which draw fixes a class's texture: "image" draws kind and geometry anew in every image, so another image's
+# regions cannot be told apart by their look and only its colours carry over; "class" gives each class one texture
+# kind and geometry in every image (as grass or brick keep theirs in photos), with per-image colours and pattern
+# instances, so the class of an exemplar's region is recognisable and cross-image (semantic) correspondence is
+# well-posed.
+TEXTURES_BY = ("image", "class")
 Palette = list[dict[str, Any]]  # one entry per class id: {"color", "color2", "texture": {"kind", ...}}
 
 
@@ -51,13 +57,22 @@ def random_texture(rng: np.random.Generator, kinds: tuple[str, ...] = TEXTURE_KI
     return texture
 
 
-def random_palette(rng: np.random.Generator, num_classes: int, kinds: tuple[str, ...] = TEXTURE_KINDS) -> Palette:
-    """Per-image appearance of every class: two colours mixed by a texture pattern."""
+def random_palette(rng: np.random.Generator, num_classes: int, kinds: tuple[str, ...] = TEXTURE_KINDS,
+                   class_textures: list[dict[str, Any]] | None = None) -> Palette:
+    """Per-image appearance of every class: two colours mixed by a texture pattern.
+
+    class_textures: one texture per class kept in every image (see TEXTURES_BY); their pattern seeds are redrawn.
+    """
     palette = []
-    for _ in range(num_classes):
+    for class_id in range(num_classes):
         color = rng.integers(0, 256, 3)
         color2 = np.clip(color + rng.integers(-110, 111, 3), 0, 255)
-        texture = random_texture(rng, kinds)
+        if class_textures is None:
+            texture = random_texture(rng, kinds)
+        else:
+            texture = dict(class_textures[class_id])
+            if "seed" in texture:  # the same statistics, another instance of the pattern
+                texture["seed"] = int(rng.integers(2**31))
         if texture["kind"] == "grain":  # fine grain needs contrast in brightness: a much darker or lighter shade
             color2 = np.rint(color * 0.25 if color.mean() > 127 else color + (255 - color) * 0.75)
         palette.append({"color": [int(c) for c in color], "color2": [int(c) for c in color2], "texture": texture})
@@ -186,7 +201,8 @@ class SyntheticSource(Source):
 
     def __init__(self, *, root=None, task: str = "mask", image_size=(64, 64), label_nc: int = 12, seed: int = 0,
                  num_images: int = 320, min_regions: int = 4, max_regions: int = 9, num_classes: int | None = None,
-                 textures: list[str] | tuple[str, ...] = TEXTURE_KINDS, edges: str = "regions"):
+                 textures: list[str] | tuple[str, ...] = TEXTURE_KINDS, edges: str = "regions",
+                 textures_by: str = "image"):
         super().__init__(root=None, task=task, image_size=image_size, label_nc=label_nc, seed=seed)
         self.num_classes = num_classes if num_classes is not None else (label_nc if task == "mask" else 12)
         if self.num_classes < 9:
@@ -197,6 +213,8 @@ class SyntheticSource(Source):
         if task == "mask" and label_nc != self.num_classes:
             raise DataError(f"synthetic mask task: data.label_nc ({label_nc}) must equal the number of classes "
                             f"({self.num_classes}, background included)")
+        if textures_by not in TEXTURES_BY:
+            raise DataError(f"synthetic: textures_by must be one of {list(TEXTURES_BY)}, got {textures_by!r}")
         if edges not in EDGE_KINDS:
             raise DataError(f"synthetic: edges must be one of {list(EDGE_KINDS)}, got {edges!r}")
         if task == "edge":
@@ -210,12 +228,17 @@ class SyntheticSource(Source):
         if unknown or not textures:
             raise DataError(f"synthetic: textures must be a non-empty list of {list(ALL_TEXTURES)}, got {list(textures)}")
         self.num_images, self.min_regions, self.max_regions = num_images, min_regions, max_regions
-        self.textures, self.edges = tuple(textures), edges
+        self.textures, self.edges, self.textures_by = tuple(textures), edges, textures_by
+        self.class_textures = None
+        if textures_by == "class":
+            rng = np.random.default_rng([seed, 2**32 - 1])  # apart from every image's [seed, index] stream
+            self.class_textures = [random_texture(rng, self.textures) for _ in range(self.num_classes)]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_images": self.num_images, "min_regions": self.min_regions,
                 "max_regions": self.max_regions, "num_classes": self.num_classes, "textures": list(self.textures),
-                **({"edges": self.edges} if self.task == "edge" else {})}
+                **({"edges": self.edges} if self.task == "edge" else {}),
+                **({"textures_by": self.textures_by} if self.textures_by != "image" else {})}
 
     def items(self) -> list[ItemRef]:
         return [ItemRef(name=f"{i:06d}", path=f"synthetic:{i}", files={"index": i}) for i in range(self.num_images)]
@@ -224,7 +247,7 @@ class SyntheticSource(Source):
         """(label map (H, W) uint8, palette) of image `index`."""
         rng = np.random.default_rng([self.seed, index])
         labels = random_layout(rng, self.image_size, self.num_classes, self.min_regions, self.max_regions)
-        return labels, random_palette(rng, self.num_classes, self.textures)
+        return labels, random_palette(rng, self.num_classes, self.textures, self.class_textures)
 
     def load(self, item: ItemRef) -> Example:
         labels, palette = self.scene(item.files["index"])
