@@ -15,7 +15,8 @@ exact ground-truth flow) and with its real exemplar (another image, the task the
     recon/...   pseudo pairs: PSNR (dB), SSIM and L1 of the output against x_B (on the [0, 1] scale)
     style/...   real exemplars. Synthetic source: colour_error = distance (0-255 RGB) between the mean colours
                 of the output and of the ideal render(label_A, palette_B), per class present in both input and
-                exemplar, averaged over (image, class); psnr_ideal = PSNR against that ideal. With VGG weights
+                exemplar, averaged over (image, class); colour_error_warped = the same for the finest warped
+                exemplar (the correspondence's share of the error); psnr_ideal = PSNR against that ideal. With VGG weights
                 (evaluate.vgg_weights): vgg_colour, vgg_texture (style relevance) and semantic (consistency)
     dist/...    real exemplars vs the validation photos: swd (sliced Wasserstein of Laplacian-pyramid patches,
                 x1e3, no weights needed) and fid (Fréchet distance of evaluate.fid_features: "vgg19" with VGG
@@ -207,6 +208,8 @@ def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
     if ideal is not None:
         images, labels, shared = ideal
         scores.add("style/colour_error", M.class_colour_errors(real.image, images, labels, shared))
+        warped = torch.nn.functional.interpolate(real.warped[-1], size=size, mode="bilinear", align_corners=False)
+        scores.add("style/colour_error_warped", M.class_colour_errors(warped, images, labels, shared))
         scores.add("style/psnr_ideal", M.psnr(real.image, images))
     if vgg is not None:
         for key, values in M.style_scores(vgg, real.image, batch["exemplar"], batch["image"]).items():
@@ -383,6 +386,7 @@ def say_summary(result: Evaluation, run_id: str | None) -> None:
           + f"   identity {flat.get('identity_identifiable/pck_3', float('nan')):.4f}"
           + f"   ({flat.get('corr_identifiable/fraction', 0):.0%} of the pixels)")
     print(line("colour error (lower better)", "style/colour_error", ".1f"))
+    print(line("colour error of the warp", "style/colour_error_warped", ".1f"))
     print(line("PSNR pseudo pairs dB", "recon/psnr", ".2f"))
     print(f"  collapse watch: L1 to the exemplar {flat['collapse/to_exemplar']:.3f}, to the target "
           f"{flat['collapse/to_target']:.3f}" + ("  COLLAPSE SUSPECTED: the outputs copy their exemplars"

@@ -89,6 +89,33 @@ def test_synthetic_edges_of_the_photo_carry_the_texture_regions_only_their_bound
         get_source("synthetic", edges="canny", **options)
 
 
+def test_synthetic_edges_with_classes_say_which_class_a_region_is():
+    """data.synthetic.edges: "classes" is [boundaries and the photo's edges, one distance map per class, one mask per
+    class]: a class's distance map is 0 on its own boundary, grows away from it, and is 255 ("far") for a class the
+    image lacks, as the pseudo exemplars' distortions also fill it in."""
+    from pipeline.data.maps import label_boundaries
+
+    options = dict(task="edge", image_size=64, seed=0, num_images=3, textures=["checker"])
+    source = get_source("synthetic", edges="classes", label_nc=25, **options)
+    photo = load_all(get_source("synthetic", edges="photo", label_nc=1, **options))
+    for name, example in load_all(source).items():
+        labels = source.scene(int(name))[0]
+        maps = example.input_map
+        assert maps.shape == (25, 64, 64) and maps.dtype == np.uint8
+        assert np.array_equal(maps[0] > 0, (photo[name].input_map[0] > 0) | label_boundaries(labels))
+        for c in range(12):
+            distance, mask, own = maps[1 + c], maps[13 + c], label_boundaries(labels == c)
+            assert np.array_equal(mask > 0, labels == c)
+            if not own.any():
+                assert (distance == 255).all()
+                continue
+            assert (distance[own] == 0).all() and (distance[~own] > 0).all()
+            assert distance[~own].max() > 10  # in units of 0.75 px at 64: far pixels are tens away
+    assert source.map_fill == (0,) + (255,) * 12 + (0,) * 12
+    with pytest.raises(DataError, match="set data.label_nc: 25"):
+        get_source("synthetic", edges="classes", label_nc=1, **options)
+
+
 def test_synthetic_textures_by_class_keep_each_class_look_across_images():
     """data.synthetic.textures_by: "class" gives a class one texture kind and geometry in every image (colours and
     pattern instances stay per image), so an exemplar's regions can be told apart by class; "image" (the default)

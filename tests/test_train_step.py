@@ -47,7 +47,8 @@ def tiny_parts(seed: int = 0, model: dict | None = None, **train):
     cfg = TrainConfig(**{"lr": 2e-4, **train})
     model_cfg = ModelConfig.from_dict({**(model or TINY_MODEL), "image_size": [64, 64], "label_nc": 12})
     return build_parts(model_cfg, cfg.loss_weights, random_vgg(), lr=cfg.lr, ttur=cfg.ttur,
-                       g_adam_eps=cfg.g_adam_eps, amp=cfg.amp, device=torch.device("cpu"))
+                       g_adam_eps=cfg.g_adam_eps, amp=cfg.amp, device=torch.device("cpu"),
+                       generator_lr_scale=cfg.generator_lr_scale)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,23 @@ def test_learning_rate_schedules():
     parts = tiny_parts(lr=2e-4)
     set_rates(parts, *official.rates(2, epoch=1))
     assert parts.opt_g.param_groups[0]["lr"] == parts.opt_d.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_generator_lr_scale_gives_the_image_generator_its_own_rate(batch):
+    """train.generator_lr_scale: the image generator's parameters in their own group at that multiple of G's rate,
+    through the schedule; the correspondence keeps G's rate. At 1 (the official) G stays one group."""
+    assert len(tiny_parts().opt_g.param_groups) == 1
+    parts = tiny_parts(lr=2e-4, generator_lr_scale=10.0)
+    correspondence, image_generator = parts.opt_g.param_groups
+    assert {id(p) for p in image_generator["params"]} == {id(p) for p in parts.net.generator.parameters()}
+    assert len(correspondence["params"]) + len(image_generator["params"]) == len(list(parts.net.parameters()))
+    assert correspondence["lr"] == pytest.approx(1e-4) and image_generator["lr"] == pytest.approx(1e-3)
+    set_rates(parts, 0.5e-4, 2e-4)
+    assert correspondence["lr"] == pytest.approx(0.5e-4) and image_generator["lr"] == pytest.approx(0.5e-3)
+    assert parts.opt_d.param_groups[0]["lr"] == pytest.approx(2e-4)
+    train_step(parts, batch)  # both groups step
+    with pytest.raises(ValueError, match="generator_lr_scale must be > 0"):
+        TrainConfig(generator_lr_scale=0)
 
 
 def test_v1_train_step_has_the_v1_terms(batch):

@@ -41,6 +41,9 @@ class TrainConfig:
     ttur: bool = True  # False: both at lr with Adam betas (0.5, 0.999), the official --no_TTUR
     schedule: Literal["ttur", "official"] = "ttur"  # how TTUR's rates move over the run: see rates()
     g_adam_eps: float = 1e-3  # the official generator/correspondence Adam uses eps 1e-3
+    # The image generator's rate relative to the correspondence's (official: 1, one Adam for both). The matching
+    # features collapse at rates far below those at which the generator learns quickly from scratch.
+    generator_lr_scale: float = 1.0
     amp: Amp = "none"  # bf16 / fp16 autocast on CUDA; ignored (with a log line) on CPU
     seed: int = 0
     real_exemplar_prob: float = 0.2  # share of real exemplars; the rest are pseudo pairs (x_B distorted)
@@ -93,8 +96,9 @@ class TrainConfig:
         if not 0 <= self.lr_decay_steps <= self.steps:
             raise ValueError(f"params.yaml train.lr_decay_steps must be in [0, steps={self.steps}], "
                              f"got {self.lr_decay_steps}")
-        if not self.lr > 0 or not self.g_adam_eps > 0:
-            raise ValueError(f"params.yaml train.lr and train.g_adam_eps must be > 0, got {self.lr}, {self.g_adam_eps}")
+        if not self.lr > 0 or not self.g_adam_eps > 0 or not self.generator_lr_scale > 0:
+            raise ValueError(f"params.yaml train.lr, train.g_adam_eps and train.generator_lr_scale must be > 0, got "
+                             f"{self.lr}, {self.g_adam_eps}, {self.generator_lr_scale}")
         if self.schedule not in ("ttur", "official"):
             raise ValueError(f"params.yaml train.schedule must be ttur or official, got {self.schedule!r}")
         if self.divergence_factor is not None and not self.divergence_factor > 1:
@@ -118,7 +122,8 @@ class TrainConfig:
         return min(1.0, (self.steps - step + 1) / self.lr_decay_steps) if self.lr_decay_steps else 1.0
 
     def rates(self, step: int, epoch: int) -> tuple[float, float]:
-        """(generator, discriminator) learning rates at `step` (1-based) of data `epoch` (0-based).
+        """(generator, discriminator) learning rates at `step` (1-based) of data `epoch` (0-based); the image
+        generator inside the "generator" (CoCosNet) runs at generator_lr_scale times its rate.
 
         With TTUR the generator runs at half the decayed lr and the discriminator at twice it. `ttur` keeps that
         for the whole run (the paper; the official CoCosNet v1 trainer). `official` behaves as the official

@@ -59,34 +59,44 @@ def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def make_optimizers(net: nn.Module, discriminator: nn.Module, lr: float, ttur: bool,
-                    g_adam_eps: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Adam for G and D. TTUR (the paper, official default): G at lr/2, D at lr*2, betas (0, 0.9)."""
+def make_optimizers(net: nn.Module, discriminator: nn.Module, lr: float, ttur: bool, g_adam_eps: float,
+                    generator_lr_scale: float = 1.0) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for G (CoCosNet: correspondence and image generator) and D. TTUR (the paper, official default): G at
+    lr/2, D at lr*2, betas (0, 0.9). The image generator's parameters form their own group, at generator_lr_scale
+    times G's rate (each group's "lr_scale", which set_rates keeps)."""
     if ttur:
         betas, g_lr, d_lr = (0.0, 0.9), lr / 2, lr * 2
     else:
         betas, g_lr, d_lr = (0.5, 0.999), lr, lr
-    opt_g = torch.optim.Adam(net.parameters(), lr=g_lr, betas=betas, eps=g_adam_eps)
+    groups = [{"params": list(net.parameters()), "lr_scale": 1.0}]
+    if generator_lr_scale != 1.0:  # one group otherwise, as before the option (checkpoints stay compatible)
+        image_generator = {id(p) for p in net.generator.parameters()}
+        groups = [{"params": [p for p in net.parameters() if id(p) not in image_generator], "lr_scale": 1.0},
+                  {"params": list(net.generator.parameters()), "lr_scale": generator_lr_scale}]
+    opt_g = torch.optim.Adam([{**g, "lr": g_lr * g["lr_scale"]} for g in groups], lr=g_lr, betas=betas,
+                             eps=g_adam_eps)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=d_lr, betas=betas)
     return opt_g, opt_d
 
 
 def set_rates(parts: TrainParts, g_lr: float, d_lr: float) -> None:
-    """The generator's and discriminator's learning rates for the next step (TrainConfig.rates)."""
+    """The generator's and discriminator's learning rates for the next step (TrainConfig.rates), each parameter
+    group at its lr_scale times that."""
     for optimizer, lr in ((parts.opt_g, g_lr), (parts.opt_d, d_lr)):
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr: float, ttur: bool,
-                g_adam_eps: float, amp: str, device: torch.device, wrap=lambda module: module) -> TrainParts:
+                g_adam_eps: float, amp: str, device: torch.device, wrap=lambda module: module,
+                generator_lr_scale: float = 1.0) -> TrainParts:
     """Networks, losses, optimizers and scalers on `device`. `wrap` turns a module into its DDP version
     (ray.train.torch.prepare_model); the optimizers see the same parameters either way."""
     net = CoCosNet(model_cfg).to(device).train()
     discriminator = MultiscaleDiscriminator(model_cfg).to(device).train()
     vgg = vgg.to(device)
     wrapped_net, wrapped_d = wrap(net), wrap(discriminator)
-    opt_g, opt_d = make_optimizers(net, discriminator, lr, ttur, g_adam_eps)
+    opt_g, opt_d = make_optimizers(net, discriminator, lr, ttur, g_adam_eps, generator_lr_scale)
     amp_dtype = amp_dtype_for(amp, device)
     # Loss scaling only for fp16 (bf16 has fp32's range). One scaler per optimizer: an overflow in one
     # step must not skip or rescale the other network's update.

@@ -9,12 +9,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from pipeline.data.errors import DataError
 from pipeline.data.imageio import fit, read_gray, read_photo
-from pipeline.data.maps import as_edge_map, canny_edges, label_boundaries
+from pipeline.data.maps import as_edge_map, canny_edges, distance_map, label_boundaries
 from pipeline.data.sources.base import (Example, ItemRef, Source, find_photos, read_name_list,
                                         safe_name, unique_items)
 
@@ -24,7 +23,6 @@ PARTS = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "l_ear", "r_ear", "nose",
          "eye_g", "hair")
 PART_FILE = re.compile(r"^(\d+)_([a-z_]+)\.png$")
 PAIRING_LISTS = ("celebahq_ref.txt", "celebahq_ref_test.txt")
-DISTANCE_UNIT = 3  # v1 divides L1 distances by 3 at 256 pixels
 
 
 def index_part_masks(folder: Path) -> dict[int, dict[str, str]]:
@@ -74,7 +72,6 @@ class CelebAHQEdgeSource(Source):
         part_edges = np.zeros(self.image_size, bool)
         outside_face = np.ones(self.image_size, bool)
         distances = []
-        unit = DISTANCE_UNIT * min(self.image_size) / 256
         for part in PARTS:
             boundary = np.zeros(self.image_size, bool)
             if part in item.files["parts"]:
@@ -83,11 +80,7 @@ class CelebAHQEdgeSource(Source):
                 part_edges |= boundary
                 if part != "hair":
                     outside_face &= ~mask
-            if not boundary.any():  # no such part: as far as can be stored
-                distances.append(np.full(self.image_size, 255, np.uint8))
-                continue
-            distance = cv2.distanceTransform(255 - as_edge_map(boundary), cv2.DIST_L1, 3) / unit
-            distances.append(np.clip(distance, 0, 255).astype(np.uint8))
+            distances.append(distance_map(boundary))  # no such part: as far as can be stored
         edges = part_edges | (canny_edges(photo) & outside_face)
         if self.label_nc == 1:
             return Example(photo=photo, input_map=as_edge_map(edges)[None])

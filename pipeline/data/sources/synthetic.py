@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from pipeline.data.errors import DataError
-from pipeline.data.maps import as_edge_map, canny_edges, label_boundaries
+from pipeline.data.maps import as_edge_map, canny_edges, distance_map, label_boundaries
 from pipeline.data.sources.base import Example, ItemRef, Source
 
 TEXTURE_KINDS = ("flat", "stripes", "checker", "dots", "gradient", "noise")  # the default draw
@@ -23,8 +23,11 @@ REGION_KINDS = ("band", "blob", "polygon", "disc")
 # Edge task inputs: "regions" draws only the region boundaries (a pixel inside a region is placed by its distance to
 # them alone); "photo" takes Canny edges of the rendered photo, as the CelebA-HQ edge task does, so the texture's
 # own geometry is in the input and every textured pixel's match is determined by the input, not only identifiable
-# in the exemplar.
-EDGE_KINDS = ("regions", "photo")
+# in the exemplar. "classes" adds what edges cannot say, which class a region is, in the manner of CoCosNet v1's
+# CelebA-HQ input: [region boundaries and Canny edges of the photo, one distance map per class (to that class's
+# boundaries: where in a region a pixel lies), one mask per class (a distance map alone does not say on which side
+# of the boundary the pixel is)]; data.label_nc is then 1 + 2 x the number of classes.
+EDGE_KINDS = ("regions", "photo", "classes")
 # Which draw fixes a class's texture: "image" draws kind and geometry anew in every image, so another image's
 # regions cannot be told apart by their look and only its colours carry over; "class" gives each class one texture
 # kind and geometry in every image (as grass or brick keep theirs in photos), with per-image colours and pattern
@@ -218,7 +221,11 @@ class SyntheticSource(Source):
         if edges not in EDGE_KINDS:
             raise DataError(f"synthetic: edges must be one of {list(EDGE_KINDS)}, got {edges!r}")
         if task == "edge":
-            self.check_label_nc(1, "an edge map")
+            if edges == "classes":
+                self.check_label_nc(1 + 2 * self.num_classes, "edges, a distance map and a mask per class")
+                self.map_fill = (0,) + (255,) * self.num_classes + (0,) * self.num_classes  # distances: far
+            else:
+                self.check_label_nc(1, "an edge map")
             self.input_encoding = "channels"
         if not 1 <= min_regions <= max_regions:
             raise DataError(f"synthetic: need 1 <= min_regions <= max_regions, got {min_regions}, {max_regions}")
@@ -254,6 +261,11 @@ class SyntheticSource(Source):
         photo = render(labels, palette)
         if self.task == "mask":
             input_map = labels
+        elif self.edges == "classes":
+            classes = range(self.num_classes)
+            distances = [distance_map(label_boundaries(labels == c)) for c in classes]
+            masks = [as_edge_map(labels == c) for c in classes]
+            input_map = np.stack([as_edge_map(label_boundaries(labels) | canny_edges(photo)), *distances, *masks])
         else:
             edges = label_boundaries(labels) if self.edges == "regions" else canny_edges(photo)
             input_map = as_edge_map(edges)[None]
