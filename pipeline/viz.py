@@ -22,12 +22,23 @@ def palette(channels: int) -> torch.Tensor:
 
 
 def map_to_rgb(maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Input-domain maps (B, C, H, W) -> (B, 3, *size) in [0, 1]: edges grey, classes and pose colours."""
+    """Input-domain maps (B, C, H, W) -> (B, 3, *size) in [0, 1]: edges grey, one-hot classes their colour.
+
+    A stack of channels (CelebA-HQ's and the synthetic "classes" edges, DeepFashion's pose) shows its drawn channels:
+    channel 0 (edges, skeleton) white, the others their colour, blended so that overlaps stay visible; its distance
+    maps (smooth almost everywhere, or all "far") are left out, as they would cover everything.
+    """
     maps = maps.float()
     if maps.shape[1] == 1:
         rgb = maps.clamp(0, 1).expand(-1, 3, -1, -1)
-    else:  # one-hot classes get their colour; soft maps (pose heatmaps) a blend, so overlaps stay visible
-        rgb = torch.einsum("bchw,ck->bkhw", maps, palette(maps.shape[1]).to(maps.device)).clamp(0, 1)
+    else:
+        colours = palette(maps.shape[1]).to(maps.device)
+        if not torch.all(maps.sum(dim=1) == 1):  # not one-hot classes: a stack of channels
+            smooth = ((maps > 0) & (maps < 1)).float().mean(dim=(2, 3)) > 0.5
+            far = (maps >= 1).flatten(2).all(dim=2)
+            maps = maps * ~(smooth | far)[..., None, None]
+            colours[0] = 1.0
+        rgb = torch.einsum("bchw,ck->bkhw", maps, colours).clamp(0, 1)
     return rgb if size is None or tuple(rgb.shape[-2:]) == tuple(size) else F.interpolate(rgb, size=size)
 
 

@@ -66,10 +66,10 @@ def test_evaluate_model_reports_every_metric_per_level_and_untrained(train_shard
     flat = flatten(result.metrics, "/")
     for prefix in ("", "untrained/"):
         for key in ("corr/epe", "corr/pck_1", "corr/pck_3", "corr/pck_5", "recon/psnr", "recon/ssim", "recon/l1",
-                    "style/colour_error", "style/colour_error_warped", "style/psnr_ideal", "style/vgg_colour", "style/vgg_texture",
-                    "style/semantic", "dist/swd", "dist/swd_2", "dist/fid", "collapse/to_exemplar", "collapse/to_target",
-                    "collapse/suspected", "corr_identifiable/pck_3", "corr_identifiable/epe",
-                    "corr_identifiable/fraction"):
+                    "style/colour_error", "style/colour_error_warped", "style/psnr_ideal", "style/vgg_colour",
+                    "style/vgg_texture", "style/semantic", "dist/swd", "dist/swd_2", "dist/fid",
+                    "collapse/to_exemplar", "collapse/to_target", "collapse/suspected", "corr_identifiable/pck_3",
+                    "corr_identifiable/epe", "corr_identifiable/fraction"):
             assert prefix + key in flat, prefix + key
     for level in range(4):  # H/8 attention, then PatchMatch at H/4, H/2, H
         assert 0 <= flat[f"corr/levels/l{level}/pck_3"] <= 1

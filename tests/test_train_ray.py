@@ -197,19 +197,22 @@ def test_a_nan_weight_stops_both_workers_without_a_retry_and_keeps_the_last_good
 
 
 def test_a_v1_model_trains_through_the_same_job(local_ray, train_shards, pairs, tmp_path):
-    """model.version: 1 runs through the same Ray job, schedule, checkpoints and MLflow logging as v2."""
+    """model.version: 1 runs through the same Ray job, schedule, checkpoints and MLflow logging as v2 (here with the
+    image generator at its own rate, train.generator_lr_scale)."""
     import mlflow
     import pandas as pd
 
     run = params(tmp_path, sqlite_uri(tmp_path), run_name="v1", steps=4, checkpoint_every=2, lr_decay_steps=2,
-                 loss={"mask": 100.0})
+                 loss={"mask": 100.0}, generator_lr_scale=4.0)
     run["model"] = dict(TINY_V1_MODEL)
     result = run_training(run, shards=train_shards, models_dir=tmp_path / "models", base=tmp_path)
     assert result.metrics["step"] == 4 and result.metrics["g/mask"] > 0
     lr = TrainConfig.from_dict(run["train"]).lr
-    assert final_state(result)["opt_g"]["param_groups"][0]["lr"] == pytest.approx(lr / 2 / 2)  # TTUR's G rate, halved
-    # at the last of 2 decay steps
+    correspondence, image_generator = final_state(result)["opt_g"]["param_groups"]
+    assert correspondence["lr"] == pytest.approx(lr / 2 / 2)  # TTUR's G rate, halved at the last of 2 decay steps
+    assert image_generator["lr"] == pytest.approx(4 * lr / 2 / 2)
     assert logged_steps(result.tracking_uri, result.run_id, "lr/g") == [2, 4]
+    assert logged_steps(result.tracking_uri, result.run_id, "lr/image_generator") == [2, 4]
     exported = load_model(result.model_dir)
     assert exported.cfg.version == 1 and exported.cfg.ngf == TINY_V1_MODEL["ngf"]
     client = mlflow.MlflowClient(result.tracking_uri)

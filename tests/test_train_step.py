@@ -19,7 +19,7 @@ from pipeline.train.checkpoint import (DataPosition, find_checkpoint, load_state
                                        restore_training_state, save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig, configs_from_params
 from pipeline.train.launch import describe_failure
-from pipeline.train.loop import batch_stream
+from pipeline.train.loop import batch_stream, training_batch
 from pipeline.train.step import NonFiniteLossError, build_parts, set_rates, train_step
 from pipeline.model_files import export_model, load_model, read_model_files
 from pipeline.tracking import absolute_tracking_uri, flatten_params
@@ -260,6 +260,23 @@ def test_find_checkpoint_skips_incomplete_ones(tmp_path):
     error = RuntimeError("Worker failed\nNonFiniteLossError: loss term 'g/warp' is nan")
     message = describe_failure(error, str(tmp_path))
     assert "g/warp" in message and "checkpoint_00000006" in message
+
+
+def test_training_batch_keeps_the_flow_of_shown_pseudo_exemplars_only(train_shards):
+    """loss.flow: the loader adds the epoch's pseudo exemplar and its flow; the flow supervises only the samples
+    whose y_B is that exemplar, and the copy of it is not expanded for training."""
+    loader = make_loader(train_shards, batch_size=6, num_workers=0, real_exemplar_prob=0.5, with_flow=True)
+    compact = next(iter(loader))
+    shown = [pair == "pseudo" for pair in compact["pair"]]
+    assert any(shown) and not all(shown)
+    batch = training_batch(compact, 12, torch.device("cpu"))
+    assert "pseudo" not in batch and "pseudo_map" not in batch
+    for i, is_shown in enumerate(shown):
+        assert batch["flow_valid"][i].any() == is_shown
+        if is_shown:  # its y_B is the pseudo exemplar the flow points into
+            assert torch.equal(compact["exemplar"][i], compact["pseudo"][i])
+    plain = training_batch(next(iter(make_loader(train_shards, batch_size=6, num_workers=0))), 12, torch.device("cpu"))
+    assert "flow" not in plain and plain["input_map"].shape[1] == 12
 
 
 def test_batch_stream_resumes_at_the_recorded_position(train_shards, monkeypatch):

@@ -149,9 +149,11 @@ def restore(parts: TrainParts, config: dict[str, Any], rank: int) -> tuple[int, 
 # ---------------------------------------------------------------- the loop
 
 
-def flow_of_shown_pseudo(batch: dict[str, Any]) -> dict[str, Any]:
-    """A batch's ground-truth flow (loss.flow) belongs to the epoch's pseudo exemplar: keep it valid only for the
-    samples whose exemplar is that pseudo exemplar."""
+def training_batch(compact: dict[str, Any], label_nc: int, device: torch.device) -> dict[str, Any]:
+    """A loader batch -> the model's tensors (to_model). The ground-truth flow the loader adds for loss.flow belongs
+    to the epoch's pseudo exemplar: it stays valid only for the samples shown that exemplar, whose y_B it then is, so
+    the loader's copy of it (pseudo, pseudo_map) is dropped before it is expanded on the device."""
+    batch = to_model({k: v for k, v in compact.items() if k not in ("pseudo", "pseudo_map")}, label_nc, device)
     if "flow" in batch:
         shown = torch.tensor([pair == "pseudo" for pair in batch["pair"]], device=batch["flow_valid"].device)
         batch["flow_valid"] = batch["flow_valid"] & shown.view(-1, 1, 1, 1)
@@ -208,7 +210,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     divergence = DivergenceGuard(cfg.divergence_factor, cfg.divergence_warmup)
     for step in range(start_step + 1, cfg.steps + 1):
         audit.before_step(step, last_checkpoint, parts)
-        batch = flow_of_shown_pseudo(to_model(next(stream), model_cfg.label_nc, device))
+        batch = training_batch(next(stream), model_cfg.label_nc, device)
         audit.read(position.epoch, batch["key"])
         rates = cfg.rates(step, position.epoch)
         set_rates(parts, *rates)
@@ -230,6 +232,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             metrics = log_window.take(samples_per_step) | {"lr/g": rates[0], "lr/d": rates[1]}
+            if cfg.generator_lr_scale != 1:
+                metrics["lr/image_generator"] = rates[0] * cfg.generator_lr_scale
             if run and step > logged_until:
                 tracking.log_metrics(metrics, step)
             eta = (cfg.steps - step) * samples_per_step / metrics["samples_per_s"]
