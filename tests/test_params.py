@@ -38,6 +38,7 @@ PROBES = [  # (key path, value, the error's text)
     ("train.use_gpu", "no", r"params.yaml train.use_gpu: expected true or false, got 'no'"),
     ("train.lr", float("inf"), r"params.yaml train.lr: expected a finite number, got inf"),
     ("train.lr", 0.0, r"params.yaml train.lr .* must be > 0"),
+    ("train.generator_lr_scale", -1.0, r"params.yaml train.generator_lr_scale must be > 0"),
     ("data.image_size", 48, r"params.yaml data.image_size: the model cannot take it: .*multiples of 32 and at least 64"),
     ("data.image_size", [64, "64"], r"params.yaml data.image_size\[1\]: expected an integer"),
     ("train.loss.pixel", "1e38", r"params.yaml train.loss.pixel: expected a number"),

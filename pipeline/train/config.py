@@ -96,9 +96,10 @@ class TrainConfig:
         if not 0 <= self.lr_decay_steps <= self.steps:
             raise ValueError(f"params.yaml train.lr_decay_steps must be in [0, steps={self.steps}], "
                              f"got {self.lr_decay_steps}")
-        if not self.lr > 0 or not self.g_adam_eps > 0 or not self.generator_lr_scale > 0:
-            raise ValueError(f"params.yaml train.lr, train.g_adam_eps and train.generator_lr_scale must be > 0, got "
-                             f"{self.lr}, {self.g_adam_eps}, {self.generator_lr_scale}")
+        if not self.lr > 0 or not self.g_adam_eps > 0:
+            raise ValueError(f"params.yaml train.lr and train.g_adam_eps must be > 0, got {self.lr}, {self.g_adam_eps}")
+        if not self.generator_lr_scale > 0:
+            raise ValueError(f"params.yaml train.generator_lr_scale must be > 0, got {self.generator_lr_scale}")
         if self.schedule not in ("ttur", "official"):
             raise ValueError(f"params.yaml train.schedule must be ttur or official, got {self.schedule!r}")
         if self.divergence_factor is not None and not self.divergence_factor > 1:
