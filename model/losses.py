@@ -153,6 +153,7 @@ class LossWeights:
     pixel: float = 0.0  # L1 between output and target on pseudo pairs (not in the official code: 0 there)
     mask: float = 0.0  # v1: NLL of the warped exemplar map vs the input's classes (official --weight_mask)
     flow: float = 0.0  # v2: InfoNCE of the matching features at the pseudo pairs' true matches (not official: 0)
+    warp_fidelity: float = 0.0  # L1 between output and finest warp on real-exemplar pairs (not official: 0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -190,9 +191,9 @@ def weighted_l1(x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor) 
     return (torch.abs(x - y) * sample_weights).mean()
 
 
-def pseudo_mean_l1(x: torch.Tensor, y: torch.Tensor, is_pseudo: torch.Tensor) -> torch.Tensor:
-    """Mean |x - y| over the pseudo-pair samples of the batch (0 when there are none)."""
-    p = is_pseudo.reshape(-1).to(device=x.device, dtype=x.dtype)
+def selected_mean_l1(x: torch.Tensor, y: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Mean |x - y| over the selected samples of the batch ((B,) 0/1 flags; 0 when none is selected)."""
+    p = selected.reshape(-1).to(device=x.device, dtype=x.dtype)
     per_sample = torch.abs(x - y).flatten(1).mean(1)
     return (per_sample * p).sum() / p.sum().clamp_min(1.0)
 
@@ -318,7 +319,7 @@ class CoCosNetLoss(nn.Module):
 
     def generator_loss(self, batch: Mapping[str, torch.Tensor], out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp, pixel, flow,
-        mask.
+        fidelity, mask.
 
         Gradients reach ``out``'s tensors, never the VGG or the discriminator.
         """
@@ -356,7 +357,7 @@ class CoCosNetLoss(nn.Module):
                 terms["gan_feat"] = w.gan_feat * gan_feature_matching(pred_fake, pred_real)
 
         if w.pixel:
-            terms["pixel"] = w.pixel * pseudo_mean_l1(fake, target, batch["is_pseudo"])
+            terms["pixel"] = w.pixel * selected_mean_l1(fake, target, batch["is_pseudo"])
 
         domain_features = getattr(out, "domain_features", None)
         if w.domain and domain_features is not None:
@@ -372,6 +373,13 @@ class CoCosNetLoss(nn.Module):
             terms["warp"] = w.warp_self * sum(
                 weighted_l1(level, _resize_to(target, level), sample_weights) for level in supervised
             )
+
+        if w.warp_fidelity and warped:
+            finest = warped[-1].detach()  # a target for the generator only: the warp learns from its own terms
+            if finest.shape[-2:] != fake.shape[-2:]:
+                finest = F.interpolate(finest, size=fake.shape[-2:], mode="bilinear", align_corners=False)
+            real = 1 - batch["is_pseudo"].reshape(-1).float()
+            terms["fidelity"] = w.warp_fidelity * selected_mean_l1(fake, finest, real)
 
         matching = getattr(out, "matching", None)
         if w.flow and matching:

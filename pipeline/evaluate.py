@@ -12,11 +12,13 @@ exact ground-truth flow) and with its real exemplar (another image, the task the
     corr_identifiable/...  the same at the finest level over the pixels whose match is identifiable (the
                 exemplar varies in every direction there: metrics.identifiable), and their share "fraction".
                 In flat regions or along straight edges any position along the region or edge looks the same
-    recon/...   pseudo pairs: PSNR (dB), SSIM and L1 of the output against x_B (on the [0, 1] scale)
+    recon/...   pseudo pairs: PSNR (dB), SSIM and L1 of the output against x_B (on the [0, 1] scale), and sharpness
+                (the output's mean |Laplacian| over x_B's: 1 as detailed, below 1 blurred)
     style/...   real exemplars. Synthetic source: colour_error = distance (0-255 RGB) between the mean colours
                 of the output and of the ideal render(label_A, palette_B), per class present in both input and
                 exemplar, averaged over (image, class); colour_error_warped = the same for the finest warped
-                exemplar (the correspondence's share of the error); psnr_ideal = PSNR against that ideal. With VGG
+                exemplar (the correspondence's share of the error); psnr_ideal = PSNR against that ideal; sharpness =
+                recon's sharpness against that ideal. With VGG
                 weights (evaluate.vgg_weights): vgg_colour, vgg_texture (style relevance) and semantic (consistency)
     dist/...    real exemplars vs the validation photos: swd (sliced Wasserstein of Laplacian-pyramid patches,
                 x1e3, no weights needed) and fid (Fréchet distance of evaluate.fid_features: "vgg19" with VGG
@@ -201,6 +203,7 @@ def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
     scores.add("recon/psnr", M.psnr(pseudo.image, batch["image"]))
     scores.add("recon/ssim", M.ssim(pseudo.image, batch["image"]))
     scores.add("recon/l1", M.l1(pseudo.image, batch["image"]))
+    scores.add("recon/sharpness", M.sharpness(pseudo.image, batch["image"]))
     scores.add("collapse/to_exemplar", M.l1(pseudo.image, batch["pseudo"]))
     scores.add("collapse/to_target", M.l1(pseudo.image, batch["image"]))
 
@@ -211,6 +214,7 @@ def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
         warped = torch.nn.functional.interpolate(real.warped[-1], size=size, mode="bilinear", align_corners=False)
         scores.add("style/colour_error_warped", M.class_colour_errors(warped, images, labels, shared))
         scores.add("style/psnr_ideal", M.psnr(real.image, images))
+        scores.add("style/sharpness", M.sharpness(real.image, images))
     if vgg is not None:
         for key, values in M.style_scores(vgg, real.image, batch["exemplar"], batch["image"]).items():
             scores.add(f"style/{key}", values)
@@ -388,6 +392,7 @@ def say_summary(result: Evaluation, run_id: str | None) -> None:
     print(line("colour error (lower better)", "style/colour_error", ".1f"))
     print(line("colour error of the warp", "style/colour_error_warped", ".1f"))
     print(line("PSNR pseudo pairs dB", "recon/psnr", ".2f"))
+    print(line("sharpness (1: as the target)", "recon/sharpness", ".2f"))
     print(f"  collapse watch: L1 to the exemplar {flat['collapse/to_exemplar']:.3f}, to the target "
           f"{flat['collapse/to_target']:.3f}" + ("  COLLAPSE SUSPECTED: the outputs copy their exemplars"
                                                  if collapse_state(result.metrics) == "suspected" else ""))

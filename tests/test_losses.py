@@ -113,7 +113,7 @@ def test_loss_weight_defaults_are_the_official_deepfashionhd_values():
         "contextual": 1.0, "warp_self": 500.0, "warp_cycle": 1.0, "domain": 10.0,
         "pixel": 0.0,  # not an official term: off unless asked for
         "perceptual_r52": 0.0, "mask": 0.0,  # v1 terms, off in the v2 command
-        "flow": 0.0,  # not an official term
+        "flow": 0.0, "warp_fidelity": 0.0,  # not official terms
     }
 
 
@@ -189,6 +189,23 @@ def test_outputs_without_cycle_or_domain(vgg):
     criterion = _criterion(vgg, vgg=0.0, perceptual=0.0)  # VGG terms are covered elsewhere
     _, terms = criterion.generator_loss(_batch(), _out(levels=(4,), cycle=False, domain=False))
     assert set(terms) == {"gan", "gan_feat", "warp"}
+
+
+def test_warp_fidelity_pulls_real_exemplar_outputs_to_their_warp_only(vgg):
+    criterion = _criterion(vgg, vgg=0.0, perceptual=0.0, gan=0.0, gan_feat=0.0, domain=0.0, warp_cycle=0.0,
+                           warp_self=0.0, warp_fidelity=3.0)
+    out = _out(levels=(2, 1))
+    _, terms = criterion.generator_loss(_batch(is_pseudo=(1.0, 0.0)), out)
+    assert set(terms) == {"fidelity"}
+    expected = 3.0 * (out.image[1] - out.warped[-1][1]).abs().mean()  # the real-exemplar sample alone
+    torch.testing.assert_close(terms["fidelity"], expected)
+    terms["fidelity"].backward()
+    assert out.warped[-1].grad is None  # the warp is the generator's target, not pulled towards the output
+    assert out.image.grad[0].abs().sum() == 0 and out.image.grad[1].abs().sum() > 0
+    _, none_real = criterion.generator_loss(_batch(is_pseudo=(1.0, 1.0)), _out(levels=(2, 1)))
+    assert float(none_real["fidelity"]) == 0.0
+    coarse = _out(levels=(2,))  # a warp coarser than the output is upsampled to it
+    assert torch.isfinite(criterion.generator_loss(_batch(is_pseudo=(0.0, 0.0)), coarse)[1]["fidelity"])
 
 
 def _official_warp_mask_loss(warp_mask, input_label, ref_label):

@@ -82,6 +82,17 @@ def test_class_colour_errors_per_image_and_class():
     assert M.class_colour_errors(output, ideal, labels, classes=[[1, 7]]) == pytest.approx([127.5])
 
 
+def test_sharpness_is_one_for_the_reference_and_falls_with_blur():
+    torch.manual_seed(0)
+    texture = torch.rand(2, 3, 32, 32) * 2 - 1
+    box = torch.nn.functional.avg_pool2d(texture, 3, stride=1, padding=1, count_include_pad=False)
+    assert M.sharpness(texture, texture).tolist() == pytest.approx([1.0, 1.0])
+    blurred = M.sharpness(box, texture)
+    assert blurred.shape == (2,) and (blurred > 0.1).all() and (blurred < 0.2).all()
+    assert (M.sharpness(torch.zeros_like(texture), texture) == 0).all()  # flat output: no detail at all
+    assert (M.sharpness(texture, box) > 5).all()  # noisier than its reference
+
+
 def test_style_scores_are_one_for_identical_images():
     torch.manual_seed(0)
     from model.vgg import load_vgg19
