@@ -203,7 +203,7 @@ def test_warp_fidelity_pulls_real_exemplar_outputs_to_their_warp_only(vgg):
     assert out.warped[-1].grad is None  # the warp is the generator's target, not pulled towards the output
     assert out.image.grad[0].abs().sum() == 0 and out.image.grad[1].abs().sum() > 0
     _, none_real = criterion.generator_loss(_batch(is_pseudo=(1.0, 1.0)), _out(levels=(2, 1)))
-    assert float(none_real["fidelity"]) == 0.0
+    assert none_real["fidelity"].item() == 0.0
     coarse = _out(levels=(2,))  # a warp coarser than the output is upsampled to it
     assert torch.isfinite(criterion.generator_loss(_batch(is_pseudo=(0.0, 0.0)), coarse)[1]["fidelity"])
 
