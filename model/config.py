@@ -53,6 +53,9 @@ class ModelConfig:
     num_d: int = 2  # discriminators in the multiscale PatchGAN
     n_layers_d: int = 4
     official_compat: bool = False  # reproduce the official forward exactly (integer PatchMatch); v2 only
+    # Not official: the generator corrects its finest warp, tanh(atanh(warp) + G), instead of drawing the image
+    # from its SPADE features alone; the warp's detail then reaches the output without being learned. v2 only.
+    warp_residual: bool = False
     # Activation checkpointing in training (recompute in the backward pass instead of storing):
     # "iterations" = each PatchMatch iteration's GRU update, its initial layer and the final continuous
     # read; "full" = those plus the domain adaptors' layers and the generator's SPADE branches;
@@ -90,6 +93,8 @@ class ModelConfig:
             raise ValueError(f"warp_upsample must be 'nearest', 'bilinear' or 'patch', got {self.warp_upsample!r}")
         if self.generator_input not in ("warp_mask", "warp"):
             raise ValueError(f"generator_input must be 'warp_mask' or 'warp', got {self.generator_input!r}")
+        if self.warp_residual and self.version != 2:
+            raise ValueError("warp_residual is a v2 option (the v1 generator draws the image)")
         object.__setattr__(self, "image_size", (int(h), int(w)))
 
     @property

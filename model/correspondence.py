@@ -28,7 +28,7 @@ def downsample_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @dataclass
 class AttentionResult:
-    warp: torch.Tensor  # (B, 3, h, w)
+    warp: torch.Tensor  # (B, V, h, w): the exemplar's V channels
     best: torch.Tensor  # (B, 2, h, w) (row, col) of the most attended exemplar position
     cycle: torch.Tensor | None  # (B, 3, h, w) exemplar -> input -> exemplar warp
 
@@ -37,9 +37,9 @@ def global_attention(query: torch.Tensor, key: torch.Tensor, exemplar: torch.Ten
                      with_cycle: bool) -> AttentionResult:
     """Full correlation between every input position and every exemplar position.
 
-    query, key: (B, C, h, w) normalised features; exemplar: (B, 3, h, w).
-    The warp is ``softmax(q k^T / temperature) @ exemplar`` and the cycle warp
-    ``softmax(k q^T / temperature) @ warp``, both through ``scaled_dot_product_attention`` (its
+    query, key: (B, C, h, w) normalised features; exemplar: (B, V, h, w) (the image, possibly with more
+    channels after its first 3, e.g. its map). The warp is ``softmax(q k^T / temperature) @ exemplar`` and the
+    cycle warp ``softmax(k q^T / temperature) @ warp[:, :3]``, both through ``scaled_dot_product_attention`` (its
     flash kernels on CPU and CUDA keep one row block of the (hw, hw) matrix at a time, forward and
     backward); the best match is the argmax of the logits, taken a row block at a time. Memory is
     O(hw * C) instead of two or three (hw, hw) matrices (64 MiB each at 64x64 features, 1 GiB at
@@ -50,12 +50,12 @@ def global_attention(query: torch.Tensor, key: torch.Tensor, exemplar: torch.Ten
     with torch.autocast(query.device.type, enabled=False):
         q_rows = query.float().flatten(2).transpose(1, 2)  # (B, hw, C)
         k_rows = key.float().flatten(2).transpose(1, 2)
-        image_rows = exemplar.float().flatten(2).transpose(1, 2)  # (B, hw, 3)
+        image_rows = exemplar.float().flatten(2).transpose(1, 2)  # (B, hw, V)
         warp = _attend(q_rows, k_rows, image_rows, temperature)
-        cycle = _attend(k_rows, q_rows, warp, temperature) if with_cycle else None
+        cycle = _attend(k_rows, q_rows, warp[..., :3], temperature) if with_cycle else None
         index = _best_key(q_rows.detach(), k_rows.detach())
     best = torch.stack([torch.div(index, w, rounding_mode="floor"), index % w], dim=1).float()
-    to_map = lambda t: t.transpose(1, 2).reshape(b, 3, h, w)  # noqa: E731
+    to_map = lambda t: t.transpose(1, 2).reshape(b, -1, h, w)  # noqa: E731
     return AttentionResult(to_map(warp), best.view(b, 2, h, w), None if cycle is None else to_map(cycle))
 
 
@@ -86,6 +86,7 @@ class CorrespondenceOutput:
     candidates: list[torch.Tensor]  # per PatchMatch level (B, h*w, K) flat candidate indices
     domain_features: list[tuple[torch.Tensor, torch.Tensor]] | None  # (from x_A, from x_B) per level
     matching: list[tuple[torch.Tensor, torch.Tensor]]  # coarse -> fine (query, key) (B, nef, h, w) unit features
+    warped_maps: list[torch.Tensor] | None = None  # coarse -> fine (B, label_nc, h, w) exemplar map, same reads
 
 
 class Correspondence(nn.Module):
@@ -109,8 +110,10 @@ class Correspondence(nn.Module):
                                          cfg.official_compat)
 
     def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
-                target: torch.Tensor | None = None) -> CorrespondenceOutput:
-        """``target`` (x_B, the photo of input_map) adds the domain-alignment feature pairs."""
+                target: torch.Tensor | None = None, warp_maps: bool = False) -> CorrespondenceOutput:
+        """``target`` (x_B, the photo of input_map) adds the domain-alignment feature pairs; ``warp_maps`` also
+        warps the exemplar's map (average-pooled to each level) with the same attention and PatchMatch reads as
+        its image, for the map-warp loss."""
         grad = torch.is_grad_enabled()
         iters_ckpt, adaptor_ckpt = self.cfg.checkpoint_levels(self.training) if grad else (False, False)
         feats_a = self.adaptive_model_seg(input_map, adaptor_ckpt)
@@ -120,13 +123,15 @@ class Correspondence(nn.Module):
             feats_pair = self.adaptive_model_img(torch.cat([target, input_map], dim=1), adaptor_ckpt)
             domain = list(zip(feats_a, feats_pair))
         center = self.cfg.pono_c
-        warped, matches, candidates, matching, cycle, best = [], [], [], [], None, None
+        warped, warped_maps, matches, candidates, matching, cycle, best = [], [], [], [], [], None, None
         for i in range(len(feats_a)):
             query = matching_features(getattr(self, f"theta_{i}")(feats_a[i]), center)
             key = matching_features(getattr(self, f"phi_{i}")(feats_b[i]), center)
             matching.append((query, key))
             size = tuple(query.shape[-2:])
             image = downsample_to(exemplar, size)
+            if warp_maps:
+                image = torch.cat([image, downsample_to(exemplar_map, size)], dim=1)
             if best is None:
                 res = global_attention(query, key, image, self.cfg.temperature, with_cycle=self.training)
                 cycle, best = res.cycle, res.best
@@ -135,6 +140,8 @@ class Correspondence(nn.Module):
                 res = self.patch_match(query, key, image, seed, checkpointed=iters_ckpt)
                 candidates.append(res.index)
                 best = res.first if self.cfg.official_compat else res.best
-            warped.append(res.warp)
+            warped.append(res.warp[:, :3])
+            warped_maps.append(res.warp[:, 3:])
             matches.append(res.best)
-        return CorrespondenceOutput(warped, matches, cycle, candidates, domain, matching)
+        return CorrespondenceOutput(warped, matches, cycle, candidates, domain, matching,
+                                    warped_maps if warp_maps else None)

@@ -7,18 +7,22 @@ import torch.nn.functional as F
 
 from .layers import SPADEResBlock, leaky_relu
 
+WARP_RESIDUAL_CLAMP = 0.99
+
 
 class SPADEGenerator(nn.Module):
     """Decode from an H/32 seed to (B, 3, H, W) in [-1, 1].
 
     Every block is modulated by ``cond`` = [warped exemplars resized to (H, W) ..., input map],
-    with positional normalisation (PONO) instead of batch statistics.
+    with positional normalisation (PONO) instead of batch statistics. ``warp_residual``: the last layer's
+    output is added to the finest warp in tanh's pre-activation space, so the output starts as the warp.
     """
 
     def __init__(self, image_size: tuple[int, int], label_nc: int, num_warps: int, ngf: int = 64,
-                 hidden: int = 128, pono: bool = True):
+                 hidden: int = 128, pono: bool = True, warp_residual: bool = False):
         super().__init__()
         self.image_size = image_size
+        self.warp_residual = warp_residual
         self.seed_size = (image_size[0] // 32, image_size[1] // 32)
         cond = 3 * num_warps + label_nc
         block = lambda fin, fout: SPADEResBlock(fin, fout, cond, hidden, pono)  # noqa: E731
@@ -44,4 +48,7 @@ class SPADEGenerator(nn.Module):
         x = self.G_middle_1(self.G_middle_0(x, cond, checkpointed), cond, checkpointed)
         for block in (self.up_0, self.up_1, self.up_2, self.up_3):
             x = block(F.interpolate(x, scale_factor=2, mode="nearest"), cond, checkpointed)
-        return torch.tanh(self.conv_img(leaky_relu(x)))
+        out = self.conv_img(leaky_relu(x))
+        if self.warp_residual:  # the clamp keeps atanh finite: +-0.99 is 1.3 off 0 and 255
+            out = out + torch.atanh(resized[-1].clamp(-WARP_RESIDUAL_CLAMP, WARP_RESIDUAL_CLAMP))
+        return torch.tanh(out)

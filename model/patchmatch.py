@@ -134,7 +134,7 @@ def bilinear_corners(positions: torch.Tensor, h: int, w: int) -> tuple[torch.Ten
 
 @dataclass
 class PatchMatchResult:
-    warp: torch.Tensor  # (B, 3, h, w) exemplar warped by the candidate softmax
+    warp: torch.Tensor  # (B, V, h, w) exemplar (its V channels) warped by the candidate softmax
     best: torch.Tensor  # (B, 2, h, w) (row, col) of each pixel's most probable candidate
     first: torch.Tensor  # (B, 2, h, w) (row, col) of candidate 0, which seeds the next level officially
     index: torch.Tensor  # (B, h*w, K) flat candidate indices (integer positions)
@@ -192,7 +192,7 @@ class PatchMatchGRU(nn.Module):
         """Score and warp at continuous positions: each candidate's feature and colour are bilinear
         in its four corner pixels, so the scores and the warp are differentiable in the positions.
 
-        (B, N, C), (B, N, C), (B, N, 3), positions (B, 2, K, h, w) -> warp (B, N, 3), prob (B, N, K).
+        (B, N, C), (B, N, C), (B, N, V), positions (B, 2, K, h, w) -> warp (B, N, V), prob (B, N, K).
 
         Pixels are read READ_CHUNK_PIXELS at a time (every pixel's read is independent of the
         others'), each chunk ``checkpointed`` on its own: a recomputation in the backward pass then
@@ -210,8 +210,8 @@ class PatchMatchGRU(nn.Module):
 
     def _read_pixels(self, left_rows, right_rows, image_rows, positions, h: int, w: int):
         """The continuous read of n pixels: left_rows (B, n, C) their features, positions (B, 2, K, n)
-        their candidates; right_rows, image_rows the whole (B, N, C), (B, N, 3) tables
-        -> warp (B, n, 3), prob (B, n, K)."""
+        their candidates; right_rows, image_rows the whole (B, N, C), (B, N, V) tables
+        -> warp (B, n, V), prob (B, n, K)."""
         b, _, k = positions.shape[:3]
         corners, weight = bilinear_corners(positions, h, w)  # (B, n, K, 4) each
         corners = corners.flatten(2)
@@ -223,7 +223,8 @@ class PatchMatchGRU(nn.Module):
     def forward(self, left: torch.Tensor, right: torch.Tensor, exemplar: torch.Tensor,
                 offsets: torch.Tensor, checkpointed: bool = False) -> PatchMatchResult:
         """left: (B, C, h, w) input features, right: (B, C, h, w) exemplar features,
-        exemplar: (B, 3, h, w) image to warp, offsets: (B, 2, K, h, w) initial candidates.
+        exemplar: (B, V, h, w) image to warp (its colours, possibly followed by other channels),
+        offsets: (B, 2, K, h, w) initial candidates.
 
         ``checkpointed``: keep only each iteration's inputs (hidden state, candidates and their
         probabilities) for the backward pass and recompute the GRU update there; the same for the
@@ -261,7 +262,7 @@ class PatchMatchGRU(nn.Module):
         best = torch.gather(pos_rows, 2, prob.argmax(-1)[..., None, None].expand(-1, -1, 1, 2)).squeeze(2)
         to_map = lambda t: t.transpose(1, 2).reshape(b, 2, h, w)  # noqa: E731
         return PatchMatchResult(
-            warp=warp.transpose(1, 2).reshape(b, 3, h, w),
+            warp=warp.transpose(1, 2).reshape(b, -1, h, w),
             best=to_map(best), first=to_map(pos_rows[:, :, 0]),
             index=index, prob=prob,
         )

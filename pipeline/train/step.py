@@ -92,6 +92,8 @@ def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr:
                 generator_lr_scale: float = 1.0) -> TrainParts:
     """Networks, losses, optimizers and scalers on `device`. `wrap` turns a module into its DDP version
     (ray.train.torch.prepare_model); the optimizers see the same parameters either way."""
+    if weights.warp_map and model_cfg.version != 2:
+        raise ValueError("loss.warp_map needs model.version 2 (v1 has loss.mask with model.warp_mask)")
     net = CoCosNet(model_cfg).to(device).train()
     discriminator = MultiscaleDiscriminator(model_cfg).to(device).train()
     vgg = vgg.to(device)
@@ -147,10 +149,11 @@ def _generate(parts: TrainParts, batch: Mapping[str, torch.Tensor], step: int | 
     """The generator's forward pass; when it fails on non-finite values (e.g. NaN indices inside PatchMatch after
     a diverged update) NonFiniteActivationError names the first layer whose output is not finite."""
     inputs = (batch["input_map"], batch["exemplar"], batch["exemplar_map"])
+    options = {"target": batch["image"]} | ({"warp_maps": True} if parts.g_loss.weights.warp_map else {})
     try:
-        return parts.net(*inputs, target=batch["image"])
+        return parts.net(*inputs, **options)
     except Exception as err:
-        layer = diagnose_forward(unwrap(parts.net), *inputs, target=batch["image"])
+        layer = diagnose_forward(unwrap(parts.net), *inputs, **options)
         if layer is None:
             raise
         raise NonFiniteActivationError(f"the output of net.{layer}", step, "holds NaN or Inf values", ADVICE) from err
