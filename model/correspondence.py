@@ -123,7 +123,8 @@ class Correspondence(nn.Module):
             feats_pair = self.adaptive_model_img(torch.cat([target, input_map], dim=1), adaptor_ckpt)
             domain = list(zip(feats_a, feats_pair))
         center = self.cfg.pono_c
-        warped, warped_maps, matches, candidates, matching, cycle, best = [], [], [], [], [], None, None
+        warped, matches, candidates, matching, cycle, best = [], [], [], [], None, None
+        warped_maps = [] if warp_maps else None
         for i in range(len(feats_a)):
             query = matching_features(getattr(self, f"theta_{i}")(feats_a[i]), center)
             key = matching_features(getattr(self, f"phi_{i}")(feats_b[i]), center)
@@ -141,7 +142,7 @@ class Correspondence(nn.Module):
                 candidates.append(res.index)
                 best = res.first if self.cfg.official_compat else res.best
             warped.append(res.warp[:, :3])
-            warped_maps.append(res.warp[:, 3:])
+            if warp_maps:
+                warped_maps.append(res.warp[:, 3:])
             matches.append(res.best)
-        return CorrespondenceOutput(warped, matches, cycle, candidates, domain, matching,
-                                    warped_maps if warp_maps else None)
+        return CorrespondenceOutput(warped, matches, cycle, candidates, domain, matching, warped_maps)

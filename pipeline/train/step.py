@@ -149,7 +149,7 @@ def _generate(parts: TrainParts, batch: Mapping[str, torch.Tensor], step: int | 
     """The generator's forward pass; when it fails on non-finite values (e.g. NaN indices inside PatchMatch after
     a diverged update) NonFiniteActivationError names the first layer whose output is not finite."""
     inputs = (batch["input_map"], batch["exemplar"], batch["exemplar_map"])
-    options = {"target": batch["image"]} | ({"warp_maps": True} if parts.g_loss.weights.warp_map else {})
+    options = {"target": batch["image"], "warp_maps": parts.g_loss.weights.warp_map > 0}
     try:
         return parts.net(*inputs, **options)
     except Exception as err:
