@@ -15,6 +15,7 @@ from typing import Iterator, Literal, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.discriminator import MultiscaleDiscriminator
 from model.vgg import VGG19
@@ -36,8 +37,20 @@ def _unit_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)
 
 
+CONTEXTUAL_CHUNK_ELEMENTS = 2**25  # a (rows x M) float32 matrix of 128 MiB per chunk
+
+
+def _best_affinity(x: torch.Tensor, y: torch.Tensor, h: float) -> torch.Tensor:
+    """x (B, C, n), y (B, C, M) unit features -> (B, n): each x position's largest normalised affinity."""
+    distance = 1 - x.transpose(1, 2) @ y  # (B, n, M) cosine distance
+    relative = distance / (distance.min(dim=-1, keepdim=True).values + 1e-3)
+    # softmax == exp((1 - d) / h) normalised over each row, without overflow/underflow risk.
+    return torch.softmax((1 - relative) / h, dim=-1).max(dim=-1).values
+
+
 def contextual_loss(
-    x: torch.Tensor, y: torch.Tensor, h: float = 0.1, center: Center | None = "channel"
+    x: torch.Tensor, y: torch.Tensor, h: float = 0.1, center: Center | None = "channel",
+    chunk_elements: int = CONTEXTUAL_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Contextual loss (Mechrez et al. 2018) of features x against y, per sample.
 
@@ -48,6 +61,10 @@ def contextual_loss(
     statistics, so that the two live in the same frame):
     ``"channel"``: y's mean over channels at each position (official with ``--PONO``; needs
     H, W == H', W'); ``"spatial"``: y's per-channel mean over positions; ``None``: nothing.
+
+    Every row of the (N x M) affinity is normalised on its own, so the rows are computed in chunks of at most
+    ``chunk_elements`` (B x rows x M) entries, each recomputed in the backward pass: the same values, with
+    memory linear rather than quadratic in the positions (a 1024 image's r42 has N = M = 16384: 1 GiB a matrix).
     """
     if x.shape[:2] != y.shape[:2]:
         raise ValueError(f"x and y need the same batch and channels, got {tuple(x.shape)}, {tuple(y.shape)}")
@@ -66,12 +83,16 @@ def contextual_loss(
             raise ValueError(f"center must be 'channel', 'spatial' or None, got {center!r}")
         x = _unit_channels(x - mean).flatten(2)  # (B, C, N)
         y = _unit_channels(y - mean).flatten(2)  # (B, C, M)
-        distance = 1 - x.transpose(1, 2) @ y  # (B, N, M) cosine distance
-        relative = distance / (distance.min(dim=-1, keepdim=True).values + 1e-3)
-        # softmax == exp((1 - d) / h) normalised over each row, without overflow/underflow risk.
-        affinity = torch.softmax((1 - relative) / h, dim=-1)
-        similarity = affinity.max(dim=-1).values.mean(dim=1)  # (B,)
-        return -torch.log(similarity)
+        rows = max(1, chunk_elements // (y.shape[0] * y.shape[2]))
+        if x.shape[2] <= rows:
+            best = _best_affinity(x, y, h)
+        else:
+            recompute = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+            best = torch.cat([
+                checkpoint(_best_affinity, x[..., i:i + rows], y, h, use_reentrant=False) if recompute
+                else _best_affinity(x[..., i:i + rows], y, h)
+                for i in range(0, x.shape[2], rows)], dim=1)
+        return -torch.log(best.mean(dim=1))
 
 
 def vgg_contextual_loss(

@@ -17,7 +17,8 @@ exact ground-truth flow) and with its real exemplar (another image, the task the
     style/...   real exemplars. Synthetic source: colour_error = distance (0-255 RGB) between the mean colours
                 of the output and of the ideal render(label_A, palette_B), per class present in both input and
                 exemplar, averaged over (image, class); colour_error_warped = the same for the finest warped
-                exemplar (the correspondence's share of the error); psnr_ideal = PSNR against that ideal; sharpness =
+                exemplar (the correspondence's share of the error); class_match = the share of a class's pixels
+                whose finest match lands on the same class in the exemplar, averaged likewise; psnr_ideal = PSNR against that ideal; sharpness =
                 recon's sharpness against that ideal. With VGG
                 weights (evaluate.vgg_weights): vgg_colour, vgg_texture (style relevance) and semantic (consistency)
     dist/...    real exemplars vs the validation photos: swd (sliced Wasserstein of Laplacian-pyramid patches,
@@ -96,16 +97,18 @@ class SyntheticTruth:
     def labels(self, name: str) -> np.ndarray:
         return self.source.scene(int(name))[0]
 
-    def ideal(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-        """-> ideal images (B, 3, H, W) in [-1, 1], input labels (B, H, W), classes shared with the exemplar."""
-        images, labels, shared = [], [], []
+    def ideal(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+        """-> ideal images (B, 3, H, W) in [-1, 1], input and exemplar labels (B, H, W) each, classes in both."""
+        images, labels, exemplar_labels, shared = [], [], [], []
         for meta in metas:
             a, b = self.labels(meta["name"]), self.labels(meta["exemplar"])
             images.append(render(a, meta["exemplar_palette"]))
             labels.append(a)
+            exemplar_labels.append(b)
             shared.append(sorted(set(np.unique(a).tolist()) & set(np.unique(b).tolist())))
         ideal = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return ideal, torch.from_numpy(np.stack(labels).astype(np.int64)), shared
+        as_tensor = lambda maps: torch.from_numpy(np.stack(maps).astype(np.int64))  # noqa: E731
+        return ideal, as_tensor(labels), as_tensor(exemplar_labels), shared
 
 
 # ---------------------------------------------------------------- feature extractors for FID
@@ -190,7 +193,8 @@ def flow_errors(positions: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tens
 
 
 def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
-              ideal: tuple[torch.Tensor, torch.Tensor, list[list[int]]] | None, vgg: VGG19 | None) -> Any:
+              ideal: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]] | None,
+              vgg: VGG19 | None) -> Any:
     """Both passes of one batch through `net`, adding to `scores`; ideal: SyntheticTruth.ideal of the batch.
     -> the real-exemplar output."""
     size = tuple(batch["image"].shape[-2:])
@@ -209,8 +213,10 @@ def run_model(net: CoCosNet, batch: Mapping[str, Any], scores: Scores,
 
     real = net(batch["input_map"], batch["exemplar"], batch["exemplar_map"])
     if ideal is not None:
-        images, labels, shared = ideal
+        images, labels, exemplar_labels, shared = ideal
         scores.add("style/colour_error", M.class_colour_errors(real.image, images, labels, shared))
+        scores.add("style/class_match", M.class_match_rates(M.upsample_matches(real.matches[-1], size), labels,
+                                                            exemplar_labels, shared))
         warped = torch.nn.functional.interpolate(real.warped[-1], size=size, mode="bilinear", align_corners=False)
         scores.add("style/colour_error_warped", M.class_colour_errors(warped, images, labels, shared))
         scores.add("style/psnr_ideal", M.psnr(real.image, images))
@@ -391,6 +397,7 @@ def say_summary(result: Evaluation, run_id: str | None) -> None:
           + f"   ({flat.get('corr_identifiable/fraction', 0):.0%} of the pixels)")
     print(line("colour error (lower better)", "style/colour_error", ".1f"))
     print(line("colour error of the warp", "style/colour_error_warped", ".1f"))
+    print(line("class match of the warp", "style/class_match", ".3f"))
     print(line("PSNR pseudo pairs dB", "recon/psnr", ".2f"))
     print(line("sharpness (1: as the target)", "recon/sharpness", ".2f"))
     print(f"  collapse watch: L1 to the exemplar {flat['collapse/to_exemplar']:.3f}, to the target "

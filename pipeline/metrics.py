@@ -147,6 +147,27 @@ def class_colour_errors(output: torch.Tensor, ideal: torch.Tensor, labels: torch
     return errors
 
 
+def class_match_rates(positions: torch.Tensor, labels: torch.Tensor, exemplar_labels: torch.Tensor,
+                      classes: Sequence[Sequence[int]]) -> list[float]:
+    """Per (image, class): the share of the input's pixels of that class whose match lands on the same class in
+    the exemplar (a warp that reads the wrong region gets the wrong colours, whatever its precision).
+
+    positions: (B, 2, H, W) matched exemplar (row, col) per input pixel; labels, exemplar_labels: (B, H, W) class
+    ids; classes: per image, the classes to score.
+    """
+    h, w = exemplar_labels.shape[-2:]
+    rows = positions[:, 0].round().long().clamp(0, h - 1)
+    cols = positions[:, 1].round().long().clamp(0, w - 1)
+    rates = []
+    for b in range(positions.shape[0]):
+        landed = exemplar_labels[b][rows[b], cols[b]]  # (H, W) the class each input pixel reads
+        for c in classes[b]:
+            mask = labels[b] == c
+            if mask.any():
+                rates.append(float((landed[mask] == c).float().mean()))
+    return rates
+
+
 def channel_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, H, W) -> channel-wise mean and standard deviation, each (B, C)."""
     flat = features.flatten(2)

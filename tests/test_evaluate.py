@@ -52,6 +52,7 @@ def test_metrics_of_a_known_model_equal_their_definitions(train_shards, one_torc
     assert result.curves["trained"] == pytest.approx(result.curves["identity"])
     assert m["style"]["colour_error"] > 10  # another image's colours, not the exemplar's palette on A's layout
     assert m["style"]["colour_error_warped"] == pytest.approx(m["style"]["colour_error"])  # its warp is its output
+    assert 0 < m["style"]["class_match"] < 1  # identity reads another scene's layout: only the overlap matches
     assert 5 < m["recon"]["psnr"] < 40 and 0 < m["recon"]["ssim"] < 1
     # A copied photo is about as detailed as the target (the pseudo exemplar may be lightly blurred); a blur is not.
     assert 0.5 < m["recon"]["sharpness"] < 1.5 and 0.5 < m["style"]["sharpness"] < 1.5
@@ -68,7 +69,7 @@ def test_evaluate_model_reports_every_metric_per_level_and_untrained(train_shard
     flat = flatten(result.metrics, "/")
     for prefix in ("", "untrained/"):
         for key in ("corr/epe", "corr/pck_1", "corr/pck_3", "corr/pck_5", "recon/psnr", "recon/ssim", "recon/l1",
-                    "recon/sharpness", "style/sharpness", "style/colour_error", "style/colour_error_warped", "style/psnr_ideal", "style/vgg_colour",
+                    "recon/sharpness", "style/sharpness", "style/colour_error", "style/colour_error_warped", "style/class_match", "style/psnr_ideal", "style/vgg_colour",
                     "style/vgg_texture", "style/semantic", "dist/swd", "dist/swd_2", "dist/fid",
                     "collapse/to_exemplar", "collapse/to_target", "collapse/suspected", "corr_identifiable/pck_3",
                     "corr_identifiable/epe", "corr_identifiable/fraction"):

@@ -69,6 +69,21 @@ def test_contextual_gradients_are_finite_even_for_zero_features():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def test_contextual_in_row_chunks_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    x0, y0 = torch.randn(2, 8, 5, 7), torch.randn(2, 8, 5, 7)  # the loss computes in float32
+    results = []
+    for chunk_elements in (10**9, 2 * 35 * 4):  # one chunk; rows of 4 (35 positions: the last chunk is short)
+        x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+        loss = contextual_loss(x, y, chunk_elements=chunk_elements)
+        loss.sum().backward()
+        results.append((loss.detach(), x.grad, y.grad))
+    for whole, chunked in zip(*results):  # a chunk's matmul may sum in another order: float32 rounding only
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(contextual_loss(x0, y0, chunk_elements=70), results[0][0], rtol=1e-5, atol=1e-6)
+
+
 def test_contextual_channel_centring_needs_equal_sizes():
     with pytest.raises(ValueError, match="spatial"):
         contextual_loss(torch.rand(1, 4, 4, 4), torch.rand(1, 4, 2, 2))

@@ -82,6 +82,20 @@ def test_class_colour_errors_per_image_and_class():
     assert M.class_colour_errors(output, ideal, labels, classes=[[1, 7]]) == pytest.approx([127.5])
 
 
+def test_class_match_rates_per_image_and_class():
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, :, 2:] = 1  # input: class 0 left, class 1 right
+    exemplar_labels = labels.flip(-1)  # exemplar: class 1 left, class 0 right
+    mirrored = M.identity_positions((4, 4)).clone()
+    mirrored[:, 1] = 3 - mirrored[:, 1]
+    assert M.class_match_rates(mirrored, labels, exemplar_labels, [[0, 1]]) == pytest.approx([1.0, 1.0])
+    assert M.class_match_rates(M.identity_positions((4, 4)), labels, exemplar_labels, [[0, 1]]) == [0.0, 0.0]
+    half = mirrored.clone()
+    half[:, 1, :2] = 0.4  # class 1's top two rows read column 0 (rounded), which is class 1: still right
+    half[:, 1, 2:, 2:] = 2.6  # class 1's bottom rows read column 3: class 0
+    assert M.class_match_rates(half, labels, exemplar_labels, [[1, 5]]) == pytest.approx([0.5])
+
+
 def test_sharpness_is_one_for_the_reference_and_falls_with_blur():
     torch.manual_seed(0)
     texture = torch.rand(2, 3, 32, 32) * 2 - 1
