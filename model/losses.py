@@ -177,6 +177,8 @@ class LossWeights:
     warp_fidelity: float = 0.0  # L1 between output and finest warp on real-exemplar pairs (not official: 0)
     warp_map: float = 0.0  # v2: L1 between the exemplar map warped onto the input and the input map, every level,
     # every pair (not official: 0). Corresponding pixels carry the same map values (class masks, edges, pose).
+    class_nce: float = 0.0  # v2: InfoNCE of the matching features toward the exemplar's pixels of each input
+    # pixel's class, every level, every pair (not official: 0); needs inputs that say a pixel's class
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -277,6 +279,50 @@ def flow_nce(query: torch.Tensor, key: torch.Tensor, flow: torch.Tensor, valid: 
     return torch.stack(losses).mean() if losses else query.sum() * 0.0
 
 
+def class_ids(maps: torch.Tensor, channels: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) maps whose channels [start, stop) hold one mask per class -> (B, H, W) long class ids, -1 where
+    no mask is set."""
+    value, index = maps[:, channels[0]:channels[1]].max(dim=1)
+    return torch.where(value > 0.5, index, torch.full_like(index, -1))
+
+
+def class_nce(query: torch.Tensor, key: torch.Tensor, input_classes: torch.Tensor, exemplar_classes: torch.Tensor,
+              temperature: float, samples: int = 256, max_keys: int = 4096) -> torch.Tensor:
+    """Multi-positive InfoNCE of one level's matching features against the two images' classes. -> scalar.
+
+    query, key (B, C, h, w) unit features of the input and the exemplar; input_classes, exemplar_classes
+    (B, H, W) long class ids, -1 where a pixel has none (nearest-downsampled to (h, w)). Up to `samples` input
+    pixels per image whose class the exemplar has are drawn; each must put its attention (scale 1 / temperature)
+    on the exemplar's pixels of its class: -log of the softmax mass there. Any two images that share classes
+    train the features this way, where the flow loss needs a pseudo pair's exact flow; at the first level this is
+    CoCosNet v1's warp-mask NLL through the full attention. Levels of more than `max_keys` pixels compare
+    against a random `max_keys` of them; a drawn pixel with no key of its class among them is left out.
+    """
+    b, _, h, w = query.shape
+    size = (h, w)
+    labels_a = F.interpolate(input_classes[:, None].float(), size=size, mode="nearest").long().flatten(1)
+    labels_b = F.interpolate(exemplar_classes[:, None].float(), size=size, mode="nearest").long().flatten(1)
+    q_rows, k_rows = query.flatten(2).transpose(1, 2), key.flatten(2).transpose(1, 2)  # (B, hw, C)
+    losses = []
+    for i in range(b):
+        keys, key_labels = k_rows[i], labels_b[i]
+        if h * w > max_keys:
+            pool = torch.randperm(h * w, device=keys.device)[:max_keys]
+            keys, key_labels = keys[pool], key_labels[pool]
+        # present[c]: the keys hold class c; the last entry stays False and is what class -1 (none) looks up
+        present = torch.zeros(int(max(labels_a[i].max(), key_labels.max())) + 2, dtype=torch.bool,
+                              device=keys.device)
+        present[key_labels[key_labels >= 0]] = True
+        picked = present[labels_a[i]].nonzero().squeeze(1)
+        if picked.numel() == 0:
+            continue
+        picked = picked[torch.randperm(picked.numel(), device=picked.device)[:samples]]
+        logits = q_rows[i, picked].float() @ keys.float().t() / temperature  # (P, keys)
+        positive = key_labels[None, :] == labels_a[i, picked, None]
+        losses.append((logits.logsumexp(1) - logits.masked_fill(~positive, float("-inf")).logsumexp(1)).mean())
+    return torch.stack(losses).mean() if losses else query.sum() * 0.0
+
+
 def _resize_to(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Average-pool (B, C, H, W) to like's (h, w); equals avg_pool2d(k=s=H/h) when it divides."""
     return F.adaptive_avg_pool2d(image, like.shape[-2:])
@@ -313,14 +359,21 @@ class CoCosNetLoss(nn.Module):
     ``finest_warp_only``: the warp-to-target term supervises only the last (full-resolution) warp, as
     CoCosNet v1 does; v2 supervises every level. ``temperature``: the model's, the scale of the flow term's
     InfoNCE (``batch`` then also holds ``flow`` and ``flow_valid``, valid only where the exemplar is the pseudo
-    exemplar the flow belongs to). Every returned term is already weighted; a term whose weight is 0 is absent.
+    exemplar the flow belongs to). ``class_channels``: the [start, stop) channels of the maps that hold one mask
+    per class (the class term reads each pixel's class there). Every returned term is already weighted; a term
+    whose weight is 0 is absent.
     """
 
     def __init__(self, weights: LossWeights, vgg: VGG19, discriminator: MultiscaleDiscriminator,
-                 finest_warp_only: bool = False, temperature: float = 0.01):
+                 finest_warp_only: bool = False, temperature: float = 0.01,
+                 class_channels: tuple[int, int] | None = None):
         super().__init__()
+        if weights.class_nce and class_channels is None:
+            raise ValueError("loss.class_nce needs inputs that say each pixel's class: the shards' manifest has no "
+                             "class_channels (class-id maps, or the synthetic edge task with edges: classes)")
         self.weights = weights
         self.finest_warp_only, self.temperature = finest_warp_only, temperature
+        self.class_channels = class_channels
         self.vgg = vgg.eval().requires_grad_(False)
         self.discriminator = discriminator
 
@@ -342,7 +395,7 @@ class CoCosNetLoss(nn.Module):
 
     def generator_loss(self, batch: Mapping[str, torch.Tensor], out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp, pixel, flow,
-        fidelity, map, mask.
+        fidelity, map, class, mask.
 
         Gradients reach ``out``'s tensors, never the VGG or the discriminator.
         """
@@ -413,6 +466,11 @@ class CoCosNetLoss(nn.Module):
         if w.flow and matching:
             terms["flow"] = w.flow * sum(flow_nce(q, k, batch["flow"], batch["flow_valid"], self.temperature)
                                          for q, k in matching) / len(matching)
+        if w.class_nce and matching:
+            input_classes, exemplar_classes = (class_ids(batch[name], self.class_channels)
+                                               for name in ("input_map", "exemplar_map"))
+            terms["class"] = w.class_nce * sum(class_nce(q, k, input_classes, exemplar_classes, self.temperature)
+                                               for q, k in matching) / len(matching)
 
         warp_mask = getattr(out, "warp_mask", None)
         if w.mask and warp_mask is not None:

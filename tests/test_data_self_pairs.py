@@ -202,3 +202,18 @@ def test_the_training_driver_refuses_video_like_without_self_pairs_before_it_sta
 
     with pytest.raises(DataError, match=rf"{train_shards}/manifest.json: video_like needs self pairs"):
         resolve({"model": {}, "train": {"video_like": True}}, train_shards, tmp_path)
+
+
+def test_the_training_driver_refuses_class_nce_without_class_channels(train_shards, tmp_path):
+    """loss.class_nce reads a pixel's class from the maps; shards without class channels (edge or pose inputs,
+    or written before the manifest recorded them) are refused, naming their manifest, before Ray starts."""
+    from pipeline.train.launch import resolve
+
+    manifest = json.loads((train_shards / "manifest.json").read_text())
+    assert manifest["class_channels"] == [0, 12]
+    resolve({"model": {}, "train": {"loss": {"class_nce": 1.0}}}, train_shards, tmp_path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "class_channels"}))
+    with pytest.raises(DataError, match=rf"{old}/manifest.json: loss.class_nce needs inputs that say each pixel"):
+        resolve({"model": {}, "train": {"loss": {"class_nce": 1.0}}}, old, tmp_path)

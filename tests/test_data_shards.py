@@ -51,6 +51,7 @@ def test_manifest_lists_every_shard_with_counts_and_sha256(built):
     shard_dir, manifest = built
     assert manifest["format"] == "cocosnet-wds/3" and manifest["label_nc"] == 12 and manifest["pseudo_per_image"] == 2
     assert manifest["image_size"] == [32, 32] and manifest["input_encoding"] == "ids"
+    assert manifest["class_channels"] == [0, 12]  # class ids: every one-hot channel is a class mask
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     assert train["images"] + val["images"] == 16 and val["images"] == 4  # val_fraction 0.25
     assert train["samples"] == train["images"] and val["samples"] == 4  # one sample per image
@@ -199,6 +200,7 @@ def test_stages_run_from_params_yaml(tmp_path, monkeypatch):
     assert main(["shard"]) == 0
     manifest = json.loads((tmp_path / "data/shards/manifest.json").read_text())
     assert manifest["task"] == "edge" and manifest["input_encoding"] == "channels"
+    assert manifest["class_channels"] is None  # an edge map does not say which class a pixel is
     assert manifest["params"]["data"]["synthetic"] == {"num_images": 12}
     assert json.loads((tmp_path / "reports/shard_report.json").read_text())["status"] == "ok"
 

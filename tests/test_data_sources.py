@@ -112,6 +112,9 @@ def test_synthetic_edges_with_classes_say_which_class_a_region_is():
             assert (distance[own] == 0).all() and (distance[~own] > 0).all()
             assert distance[~own].max() > 10  # in units of 0.75 px at 64: far pixels are tens away
     assert source.map_fill == (0,) + (255,) * 12 + (0,) * 12
+    assert source.class_channels == (13, 25)  # the masks: what loss.class_nce reads a pixel's class from
+    assert get_source("synthetic", edges="photo", label_nc=1, **options).class_channels is None
+    assert get_source("synthetic", task="mask", label_nc=12, image_size=64, seed=0).class_channels == (0, 12)
     with pytest.raises(DataError, match="set data.label_nc: 25"):
         get_source("synthetic", edges="classes", label_nc=1, **options)
 

@@ -13,6 +13,8 @@ from model.discriminator import MultiscaleDiscriminator
 from model.losses import (
     CoCosNetLoss,
     LossWeights,
+    class_ids,
+    class_nce,
     contextual_loss,
     flow_nce,
     gan_feature_matching,
@@ -128,7 +130,7 @@ def test_loss_weight_defaults_are_the_official_deepfashionhd_values():
         "contextual": 1.0, "warp_self": 500.0, "warp_cycle": 1.0, "domain": 10.0,
         "pixel": 0.0,  # not an official term: off unless asked for
         "perceptual_r52": 0.0, "mask": 0.0,  # v1 terms, off in the v2 command
-        "flow": 0.0, "warp_fidelity": 0.0, "warp_map": 0.0,  # not official terms
+        "flow": 0.0, "warp_fidelity": 0.0, "warp_map": 0.0, "class_nce": 0.0,  # not official
     }
 
 
@@ -151,11 +153,12 @@ def vgg():
         return load_vgg19("random", seed=0)
 
 
-def _criterion(vgg_net, finest_warp_only=False, **weights) -> CoCosNetLoss:
+def _criterion(vgg_net, finest_warp_only=False, class_channels=None, **weights) -> CoCosNetLoss:
     torch.manual_seed(0)
     # The discriminator runs at any size; the config only has to be a valid model size.
     cfg = ModelConfig(image_size=(64, 64), label_nc=LABEL_NC, ndf=8, num_d=2, n_layers_d=3)
-    return CoCosNetLoss(LossWeights(**weights), vgg_net, MultiscaleDiscriminator(cfg), finest_warp_only)
+    return CoCosNetLoss(LossWeights(**weights), vgg_net, MultiscaleDiscriminator(cfg), finest_warp_only,
+                        class_channels=class_channels)
 
 
 def _batch(is_pseudo=(1.0, 1.0)) -> dict[str, torch.Tensor]:
@@ -238,6 +241,48 @@ def test_warp_map_compares_every_level_with_the_pooled_input_map_on_every_pair(v
     assert all(level.grad[i].abs().sum() > 0 for level in out.warped_maps for i in range(B))  # pseudo and real pairs
     out.warped_maps = pooled
     assert criterion.generator_loss(batch, out)[1]["map"].item() < 1e-6
+
+
+def test_class_nce_puts_each_pixel_on_the_exemplar_pixels_of_its_class():
+    torch.manual_seed(0)
+    classes_a, classes_b = torch.randint(0, 3, (2, 6, 6)), torch.randint(0, 3, (2, 6, 6))
+    classes_a[0, 0] = -1  # pixels of no class: left out
+    classes_a[1, 0] = 5  # a class the exemplar lacks: left out
+    query = F.normalize(torch.randn(2, 4, 6, 6, dtype=torch.float64), dim=1).requires_grad_(True)
+    key = F.normalize(torch.randn(2, 4, 6, 6, dtype=torch.float64), dim=1)
+    got = class_nce(query, key, classes_a, classes_b, temperature=0.5, samples=1000)
+    expected = []
+    for i in range(2):
+        q, k = query[i].flatten(1).t(), key[i].flatten(1).t()
+        la, lb = classes_a[i].flatten(), classes_b[i].flatten()
+        terms = [-torch.log(torch.softmax(q[p] @ k.t() / 0.5, 0)[lb == la[p]].sum())
+                 for p in range(36) if la[p] in lb.tolist()]
+        assert len(terms) == 30
+        expected.append(torch.stack(terms).mean())
+    torch.testing.assert_close(got, torch.stack(expected).mean().float(), rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert query.grad.abs().sum() > 0 and query.grad[0, :, 0].abs().sum() == 0  # no gradient where left out
+    # Features that are the class itself score (nearly) zero
+    as_features = lambda c: F.one_hot(c.clamp(min=0), 6).permute(0, 3, 1, 2).float()  # noqa: E731
+    assert class_nce(as_features(classes_a), as_features(classes_b), classes_a, classes_b, 0.05) < 1e-6
+    # The class term reads the classes from the maps' mask channels and is refused without them
+    maps = torch.zeros(1, 5, 2, 2)
+    maps[0, 2, 0] = 1.0  # channel 2 = class 0 of the masks in [2, 5)
+    maps[0, 4, 1, 0] = 1.0
+    assert class_ids(maps, (2, 5)).tolist() == [[[0, 0], [2, -1]]]
+
+
+def test_class_term_needs_the_maps_class_channels(vgg):
+    with pytest.raises(ValueError, match="class_channels"):
+        _criterion(vgg, class_nce=1.0)
+    criterion = _criterion(vgg, class_channels=(0, LABEL_NC), vgg=0.0, gan=0.0, gan_feat=0.0, domain=0.0,
+                           warp_cycle=0.0, warp_self=0.0, class_nce=3.0)
+    batch, out = _batch(is_pseudo=(1.0, 0.0)), _out(levels=(4, 1))
+    g = torch.Generator().manual_seed(5)
+    out.matching = [tuple(F.normalize(torch.randn(B, 4, H // 4, W // 4, generator=g), dim=1) for _ in range(2))]
+    terms = criterion.generator_loss(batch, out)[1]
+    classes = [class_ids(batch[name], (0, LABEL_NC)) for name in ("input_map", "exemplar_map")]
+    torch.testing.assert_close(terms["class"], 3.0 * class_nce(*out.matching[0], *classes, criterion.temperature))
 
 
 def _official_warp_mask_loss(warp_mask, input_label, ref_label):

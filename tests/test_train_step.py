@@ -42,13 +42,13 @@ TINY_V1_MODEL = {"version": 1, "ngf": 8, "ndf": 8, "spade_hidden": 16, "match_ch
                  "n_layers_d": 3, "temperature": 0.05}
 
 
-def tiny_parts(seed: int = 0, model: dict | None = None, **train):
+def tiny_parts(seed: int = 0, model: dict | None = None, class_channels=None, **train):
     torch.manual_seed(seed)
     cfg = TrainConfig(**{"lr": 2e-4, **train})
     model_cfg = ModelConfig.from_dict({**(model or TINY_MODEL), "image_size": [64, 64], "label_nc": 12})
     return build_parts(model_cfg, cfg.loss_weights, random_vgg(), lr=cfg.lr, ttur=cfg.ttur,
                        g_adam_eps=cfg.g_adam_eps, amp=cfg.amp, device=torch.device("cpu"),
-                       generator_lr_scale=cfg.generator_lr_scale)
+                       generator_lr_scale=cfg.generator_lr_scale, class_channels=class_channels)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,19 @@ def test_warp_map_loss_trains_through_the_step(batch):
     assert train_step(tiny_parts(), batch)[1].warped_maps is None
     with pytest.raises(ValueError, match="warp_map needs model.version 2"):
         tiny_parts(model=TINY_V1_MODEL, loss={"warp_map": 1.0})
+
+
+def test_class_nce_trains_the_matching_features_through_the_step(batch):
+    """loss.class_nce reads the classes from the shards' class channels (the mask task: all of them)."""
+    parts = tiny_parts(loss={"class_nce": 10.0}, class_channels=(0, 12))
+    before = snapshot(parts.net)
+    losses, _ = train_step(parts, batch, step=1)
+    assert losses["g/class"] > 0
+    assert not torch.equal(parts.net.state_dict()["corr.theta_0.weight"], before["corr.theta_0.weight"])
+    with pytest.raises(ValueError, match="class_channels"):
+        tiny_parts(loss={"class_nce": 10.0})
+    with pytest.raises(ValueError, match="class_nce needs model.version 2"):
+        tiny_parts(model=TINY_V1_MODEL, loss={"class_nce": 1.0}, class_channels=(0, 12))
 
 
 def test_train_step_updates_generator_and_discriminator(batch):

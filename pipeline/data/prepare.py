@@ -134,6 +134,7 @@ def prepare_dataset(source: Source, out_dir: str | Path, progress: bool = True) 
         "input_channels": source.label_nc if source.input_encoding == "channels" else 1,
         "map_interpolation": source.map_interpolation,
         "map_fill": list(getattr(source, "map_fill", [0])),
+        "class_channels": list(source.class_channels) if source.class_channels else None,
         "items": records,
         "skipped": [{"file": s["file"], "reason": s["reason"], "stage": "prepare"} for s in skipped],
         "listed_pairs": listed,

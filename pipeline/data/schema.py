@@ -55,6 +55,15 @@ def require_self_pairs(manifest: dict[str, Any], where: str | Path, split: str) 
                         "prepare and shard stages, or set train.video_like: false")
 
 
+def require_class_channels(manifest: dict[str, Any], where: str | Path) -> None:
+    """loss.class_nce reads each pixel's class from the maps: fail, naming the manifest, when they do not hold it
+    (edge and pose inputs; shards written before the manifest recorded class_channels)."""
+    if not manifest.get("class_channels"):
+        raise DataError(f"{where}: loss.class_nce needs inputs that say each pixel's class, and these shards "
+                        f"({manifest.get('source')}, task {manifest.get('task')}) have no class_channels: use class-id "
+                        "maps (task mask) or the synthetic edge task with edges: classes, or set loss.class_nce: 0")
+
+
 def sample_key(source: str, name: str) -> str:
     return f"{source}/{name}"
 

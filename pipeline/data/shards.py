@@ -352,6 +352,7 @@ def write_shards(prepared_dir: str | Path, out_dir: str | Path, cfg: ShardConfig
         "image_size": list(prepared.image_size),
         "input_encoding": prepared.index["input_encoding"],
         "input_channels": prepared.index["input_channels"],
+        "class_channels": prepared.index.get("class_channels"),
         "pseudo_per_image": cfg.pseudo_per_image,
         "splits": {split: {"samples": sum(len(s.samples) for s in shards if s.split == split),
                            "images": pairing_stats["images"][split],

@@ -41,7 +41,7 @@ import pipeline as pipeline_package
 from model import ModelConfig
 from pipeline import tracking, viz
 from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
-from pipeline.data.schema import read_manifest, require_self_pairs, verify_split
+from pipeline.data.schema import read_manifest, require_class_channels, require_self_pairs, verify_split
 from pipeline.model_files import export_model
 from pipeline.tracking import MlflowConfig
 from pipeline.train.checkpoint import find_checkpoint, load_state
@@ -319,6 +319,8 @@ def resolve(params: Mapping[str, Any], shards: str | Path = "data/shards", base:
     shard_dir = (base / shards).resolve()
     manifest, _ = read_manifest(shard_dir)
     train_cfg, model_cfg, mlflow_cfg = configs_from_params(params, manifest)
+    if train_cfg.loss_weights.class_nce:
+        require_class_channels(manifest, shard_dir / "manifest.json")
     verify_split(shard_dir, "train", train_cfg.verify_shards)  # a bad shard is no worker failure for Ray to retry
     if train_cfg.video_like:  # as a bad shard: fail here, not in every worker
         require_self_pairs(manifest, shard_dir / "manifest.json", "train")
@@ -417,7 +419,7 @@ def fit(plan: Plan, run_id: str) -> tuple[ray.train.Result, float]:
     naming the cause and the last good checkpoint."""
     cfg, uri = plan.train, plan.tracking_uri
     config = {"train": cfg.to_dict(), "model": plan.model.to_dict(), "shards": str(plan.shard_dir),
-              "resume_from": plan.resume_from,
+              "resume_from": plan.resume_from, "class_channels": plan.manifest.get("class_channels"),
               "mlflow": {"tracking_uri": uri, "run_id": run_id, "system_metrics": plan.mlflow.system_metrics}}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config, scaling_config=scaling_config(cfg),

@@ -173,6 +173,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     ddp_options = {"find_unused_parameters": cfg.find_unused_parameters}
     parts = build_parts(model_cfg, cfg.loss_weights, vgg, lr=cfg.lr, ttur=cfg.ttur, g_adam_eps=cfg.g_adam_eps,
                         amp=cfg.amp, device=device, generator_lr_scale=cfg.generator_lr_scale,
+                        class_channels=config.get("class_channels"),
                         wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False,
                                                                      parallel_strategy_kwargs=ddp_options))
     seed_everything(stable_hash(cfg.seed, "train", rank) % 2**63)  # each rank its own stream from here

@@ -89,11 +89,13 @@ def set_rates(parts: TrainParts, g_lr: float, d_lr: float) -> None:
 
 def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr: float, ttur: bool,
                 g_adam_eps: float, amp: str, device: torch.device, wrap=lambda module: module,
-                generator_lr_scale: float = 1.0) -> TrainParts:
+                generator_lr_scale: float = 1.0, class_channels: tuple[int, int] | None = None) -> TrainParts:
     """Networks, losses, optimizers and scalers on `device`. `wrap` turns a module into its DDP version
-    (ray.train.torch.prepare_model); the optimizers see the same parameters either way."""
-    if weights.warp_map and model_cfg.version != 2:
-        raise ValueError("loss.warp_map needs model.version 2 (v1 has loss.mask with model.warp_mask)")
+    (ray.train.torch.prepare_model); the optimizers see the same parameters either way. class_channels: the
+    shards' (manifest), for loss.class_nce."""
+    for name in ("warp_map", "class_nce"):
+        if getattr(weights, name) and model_cfg.version != 2:
+            raise ValueError(f"loss.{name} needs model.version 2 (v1 has loss.mask with model.warp_mask)")
     net = CoCosNet(model_cfg).to(device).train()
     discriminator = MultiscaleDiscriminator(model_cfg).to(device).train()
     vgg = vgg.to(device)
@@ -105,8 +107,10 @@ def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr:
     use_scaler = amp_dtype == torch.float16
     finest_warp_only = model_cfg.version == 1  # v1 supervises its full-resolution warp, v2 every level
     return TrainParts(net=wrapped_net, discriminator=wrapped_d,
-                      g_loss=CoCosNetLoss(weights, vgg, discriminator, finest_warp_only, model_cfg.temperature),
-                      d_loss=CoCosNetLoss(weights, vgg, wrapped_d, finest_warp_only, model_cfg.temperature),
+                      g_loss=CoCosNetLoss(weights, vgg, discriminator, finest_warp_only, model_cfg.temperature,
+                                          class_channels),
+                      d_loss=CoCosNetLoss(weights, vgg, wrapped_d, finest_warp_only, model_cfg.temperature,
+                                          class_channels),
                       opt_g=opt_g, opt_d=opt_d,
                       scaler_g=torch.amp.GradScaler(device.type, enabled=use_scaler),
                       scaler_d=torch.amp.GradScaler(device.type, enabled=use_scaler),

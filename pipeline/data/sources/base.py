@@ -85,6 +85,12 @@ class Source:
         """Self pairs {listed name: [same subject, other view, ...]} from the dataset's self-pair files, or {}."""
         return read_pairing_lists(self.root, self.self_pair_files)
 
+    @property
+    def class_channels(self) -> tuple[int, int] | None:
+        """The [start, stop) channels of the model's x_A that hold one mask per class (class ids are one-hot:
+        all of them), or None where the input does not say which class a pixel is (edges, pose)."""
+        return (0, self.label_nc) if self.input_encoding == "ids" else None
+
     def describe(self) -> dict[str, Any]:
         """What identifies this source's output (goes into fingerprints and the manifest)."""
         return dict(

@@ -241,6 +241,12 @@ class SyntheticSource(Source):
             rng = np.random.default_rng([seed, 2**32 - 1])  # apart from every image's [seed, index] stream
             self.class_textures = [random_texture(rng, self.textures) for _ in range(self.num_classes)]
 
+    @property
+    def class_channels(self) -> tuple[int, int] | None:
+        if self.task == "edge" and self.edges == "classes":  # [edges, a distance map per class, a mask per class]
+            return 1 + self.num_classes, 1 + 2 * self.num_classes
+        return super().class_channels
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_images": self.num_images, "min_regions": self.min_regions,
                 "max_regions": self.max_regions, "num_classes": self.num_classes, "textures": list(self.textures),
