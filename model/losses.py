@@ -292,7 +292,9 @@ def class_nce(query: torch.Tensor, key: torch.Tensor, input_classes: torch.Tenso
 
     query, key (B, C, h, w) unit features of the input and the exemplar; input_classes, exemplar_classes
     (B, H, W) long class ids, -1 where a pixel has none (nearest-downsampled to (h, w)). Up to `samples` input
-    pixels per image whose class the exemplar has are drawn; each must put its attention (scale 1 / temperature)
+    pixels per image whose class the exemplar has are drawn, each class equally likely (a background would
+    otherwise take most draws, and small regions are where the warps read the wrong class); each must put its
+    attention (scale 1 / temperature)
     on the exemplar's pixels of its class: -log of the softmax mass there. Any two images that share classes
     train the features this way, where the flow loss needs a pseudo pair's exact flow; at the first level this is
     CoCosNet v1's warp-mask NLL through the full attention. Levels of more than `max_keys` pixels compare
@@ -316,7 +318,9 @@ def class_nce(query: torch.Tensor, key: torch.Tensor, input_classes: torch.Tenso
         picked = present[labels_a[i]].nonzero().squeeze(1)
         if picked.numel() == 0:
             continue
-        picked = picked[torch.randperm(picked.numel(), device=picked.device)[:samples]]
+        if picked.numel() > samples:
+            share = 1.0 / torch.bincount(labels_a[i, picked])[labels_a[i, picked]].float()
+            picked = picked[torch.multinomial(share, samples)]
         logits = q_rows[i, picked].float() @ keys.float().t() / temperature  # (P, keys)
         positive = key_labels[None, :] == labels_a[i, picked, None]
         losses.append((logits.logsumexp(1) - logits.masked_fill(~positive, float("-inf")).logsumexp(1)).mean())

@@ -272,6 +272,20 @@ def test_class_nce_puts_each_pixel_on_the_exemplar_pixels_of_its_class():
     assert class_ids(maps, (2, 5)).tolist() == [[[0, 0], [2, -1]]]
 
 
+def test_class_nce_draws_every_class_equally_often():
+    """A one-pixel class among 35 background pixels is drawn nearly always in 8 draws (uniform draws: 22%)."""
+    classes = torch.zeros(1, 6, 6, dtype=torch.long)
+    classes[0, 2, 3] = 1
+    query = F.one_hot(classes, 3).permute(0, 3, 1, 2).float()  # the background matches perfectly ...
+    key = query.clone()
+    key[0, :, 2, 3] = torch.tensor([0.0, 0.0, 1.0])  # ... the small class's exemplar pixel does not
+    drawn = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        drawn += int(class_nce(query, key, classes, classes, temperature=0.1, samples=8) > 1e-3)
+    assert drawn >= 18
+
+
 def test_class_term_needs_the_maps_class_channels(vgg):
     with pytest.raises(ValueError, match="class_channels"):
         _criterion(vgg, class_nce=1.0)
