@@ -294,11 +294,11 @@ def class_nce(query: torch.Tensor, key: torch.Tensor, input_classes: torch.Tenso
     (B, H, W) long class ids, -1 where a pixel has none (nearest-downsampled to (h, w)). Up to `samples` input
     pixels per image whose class the exemplar has are drawn, each class equally likely (a background would
     otherwise take most draws, and small regions are where the warps read the wrong class); each must put its
-    attention (scale 1 / temperature)
-    on the exemplar's pixels of its class: -log of the softmax mass there. Any two images that share classes
-    train the features this way, where the flow loss needs a pseudo pair's exact flow; at the first level this is
-    CoCosNet v1's warp-mask NLL through the full attention. Levels of more than `max_keys` pixels compare
-    against a random `max_keys` of them; a drawn pixel with no key of its class among them is left out.
+    attention (scale 1 / temperature) on the exemplar's pixels of its class: -log of the softmax mass there.
+    Any two images that share classes train the features this way, where the flow loss needs a pseudo pair's
+    exact flow; at the first level this is CoCosNet v1's warp-mask NLL through the full attention. Levels of
+    more than `max_keys` pixels compare against a random `max_keys` of them; a drawn pixel with no key of its
+    class among them is left out.
     """
     b, _, h, w = query.shape
     size = (h, w)

@@ -18,9 +18,9 @@ exact ground-truth flow) and with its real exemplar (another image, the task the
                 of the output and of the ideal render(label_A, palette_B), per class present in both input and
                 exemplar, averaged over (image, class); colour_error_warped = the same for the finest warped
                 exemplar (the correspondence's share of the error); class_match = the share of a class's pixels
-                whose finest match lands on the same class in the exemplar, averaged likewise; psnr_ideal = PSNR against that ideal; sharpness =
-                recon's sharpness against that ideal. With VGG
-                weights (evaluate.vgg_weights): vgg_colour, vgg_texture (style relevance) and semantic (consistency)
+                whose finest match lands on the same class in the exemplar, averaged likewise; psnr_ideal = PSNR
+                against that ideal; sharpness = recon's sharpness against that ideal. With VGG weights
+                (evaluate.vgg_weights): vgg_colour, vgg_texture (style relevance) and semantic (consistency)
     dist/...    real exemplars vs the validation photos: swd (sliced Wasserstein of Laplacian-pyramid patches,
                 x1e3, no weights needed) and fid (Fréchet distance of evaluate.fid_features: "vgg19" with VGG
                 weights, or an Inception TorchScript file)
