@@ -23,7 +23,6 @@ class CoCosNetOutput:
     domain_features: list[tuple[torch.Tensor, torch.Tensor]] | None  # L_domain pairs, when a target is given
     warp_mask: torch.Tensor | None = None  # v1: (B, label_nc, H/4, W/4) the exemplar map warped
     matching: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # v2: per level (query, key) unit features
-    warped_maps: list[torch.Tensor] | None = None  # v2 with warp_maps: coarse -> fine (B, label_nc, h, w)
 
 
 class CoCosNet(nn.Module):
@@ -44,26 +43,22 @@ class CoCosNet(nn.Module):
         init_xavier(self)
 
     def correspondence(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
-                       target: torch.Tensor | None = None, warp_maps: bool = False):
+                       target: torch.Tensor | None = None):
         self._check_inputs(input_map, exemplar, exemplar_map)
-        if warp_maps and self.cfg.version == 1:
-            raise ValueError("warp_maps is a v2 option: v1 warps its exemplar map with ModelConfig.warp_mask")
-        return self.corr(input_map, exemplar, exemplar_map, target, **({"warp_maps": True} if warp_maps else {}))
+        return self.corr(input_map, exemplar, exemplar_map, target)
 
     def generate(self, input_map: torch.Tensor, warped: list[torch.Tensor]) -> torch.Tensor:
         checkpointed = torch.is_grad_enabled() and self.cfg.checkpoint_levels(self.training)[1]
         return self.generator(input_map, warped, checkpointed)
 
     def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
-                target: torch.Tensor | None = None, warp_maps: bool = False) -> CoCosNetOutput:
+                target: torch.Tensor | None = None) -> CoCosNetOutput:
         """input_map (B, label_nc, H, W), exemplar (B, 3, H, W) in [-1, 1], exemplar_map like input_map;
-        target (x_B, optional) adds the domain-alignment feature pairs used by L_domain; ``warp_maps`` (v2) the
-        exemplar map warped at every level, used by the map-warp loss."""
-        corr = self.correspondence(input_map, exemplar, exemplar_map, target, warp_maps)
+        target (x_B, optional) adds the domain-alignment feature pairs used by L_domain."""
+        corr = self.correspondence(input_map, exemplar, exemplar_map, target)
         image = self.generate(input_map, corr.warped)
         return CoCosNetOutput(image, corr.warped, corr.matches, corr.cycle, corr.candidates, corr.domain_features,
-                              getattr(corr, "warp_mask", None), getattr(corr, "matching", None),
-                              getattr(corr, "warped_maps", None))
+                              getattr(corr, "warp_mask", None), getattr(corr, "matching", None))
 
     def _check_inputs(self, input_map, exemplar, exemplar_map) -> None:
         h, w = self.cfg.image_size

@@ -86,7 +86,6 @@ class CorrespondenceOutput:
     candidates: list[torch.Tensor]  # per PatchMatch level (B, h*w, K) flat candidate indices
     domain_features: list[tuple[torch.Tensor, torch.Tensor]] | None  # (from x_A, from x_B) per level
     matching: list[tuple[torch.Tensor, torch.Tensor]]  # coarse -> fine (query, key) (B, nef, h, w) unit features
-    warped_maps: list[torch.Tensor] | None = None  # coarse -> fine (B, label_nc, h, w) exemplar map, same reads
 
 
 class Correspondence(nn.Module):
@@ -110,10 +109,8 @@ class Correspondence(nn.Module):
                                          cfg.official_compat)
 
     def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
-                target: torch.Tensor | None = None, warp_maps: bool = False) -> CorrespondenceOutput:
-        """``target`` (x_B, the photo of input_map) adds the domain-alignment feature pairs; ``warp_maps`` also
-        warps the exemplar's map (average-pooled to each level) with the same attention and PatchMatch reads as
-        its image, for the map-warp loss."""
+                target: torch.Tensor | None = None) -> CorrespondenceOutput:
+        """``target`` (x_B, the photo of input_map) adds the domain-alignment feature pairs."""
         grad = torch.is_grad_enabled()
         iters_ckpt, adaptor_ckpt = self.cfg.checkpoint_levels(self.training) if grad else (False, False)
         feats_a = self.adaptive_model_seg(input_map, adaptor_ckpt)
@@ -124,15 +121,12 @@ class Correspondence(nn.Module):
             domain = list(zip(feats_a, feats_pair))
         center = self.cfg.pono_c
         warped, matches, candidates, matching, cycle, best = [], [], [], [], None, None
-        warped_maps = [] if warp_maps else None
         for i in range(len(feats_a)):
             query = matching_features(getattr(self, f"theta_{i}")(feats_a[i]), center)
             key = matching_features(getattr(self, f"phi_{i}")(feats_b[i]), center)
             matching.append((query, key))
             size = tuple(query.shape[-2:])
             image = downsample_to(exemplar, size)
-            if warp_maps:
-                image = torch.cat([image, downsample_to(exemplar_map, size)], dim=1)
             if best is None:
                 res = global_attention(query, key, image, self.cfg.temperature, with_cycle=self.training)
                 cycle, best = res.cycle, res.best
@@ -141,8 +135,6 @@ class Correspondence(nn.Module):
                 res = self.patch_match(query, key, image, seed, checkpointed=iters_ckpt)
                 candidates.append(res.index)
                 best = res.first if self.cfg.official_compat else res.best
-            warped.append(res.warp[:, :3])
-            if warp_maps:
-                warped_maps.append(res.warp[:, 3:])
+            warped.append(res.warp)
             matches.append(res.best)
-        return CorrespondenceOutput(warped, matches, cycle, candidates, domain, matching, warped_maps)
+        return CorrespondenceOutput(warped, matches, cycle, candidates, domain, matching)

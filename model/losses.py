@@ -175,8 +175,6 @@ class LossWeights:
     mask: float = 0.0  # v1: NLL of the warped exemplar map vs the input's classes (official --weight_mask)
     flow: float = 0.0  # v2: InfoNCE of the matching features at the pseudo pairs' true matches (not official: 0)
     warp_fidelity: float = 0.0  # L1 between output and finest warp on real-exemplar pairs (not official: 0)
-    warp_map: float = 0.0  # v2: L1 between the exemplar map warped onto the input and the input map, every level,
-    # every pair (not official: 0). Corresponding pixels carry the same map values (class masks, edges, pose).
     class_nce: float = 0.0  # v2: InfoNCE of the matching features toward the exemplar's pixels of each input
     # pixel's class, every level, every pair (not official: 0); needs inputs that say a pixel's class
 
@@ -399,7 +397,7 @@ class CoCosNetLoss(nn.Module):
 
     def generator_loss(self, batch: Mapping[str, torch.Tensor], out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (total, terms) with terms among feat, perc, context, gan, gan_feat, domain, reg, warp, pixel, flow,
-        fidelity, map, class, mask.
+        fidelity, class, mask.
 
         Gradients reach ``out``'s tensors, never the VGG or the discriminator.
         """
@@ -460,11 +458,6 @@ class CoCosNetLoss(nn.Module):
                 finest = F.interpolate(finest, size=fake.shape[-2:], mode="bilinear", align_corners=False)
             real = 1 - batch["is_pseudo"].reshape(-1).float()
             terms["fidelity"] = w.warp_fidelity * selected_mean_l1(fake, finest, real)
-
-        warped_maps = getattr(out, "warped_maps", None)
-        if w.warp_map and warped_maps:
-            terms["map"] = w.warp_map * sum(F.l1_loss(level, _resize_to(batch["input_map"], level))
-                                            for level in warped_maps) / len(warped_maps)
 
         matching = getattr(out, "matching", None)
         if w.flow and matching:

@@ -130,7 +130,7 @@ def test_loss_weight_defaults_are_the_official_deepfashionhd_values():
         "contextual": 1.0, "warp_self": 500.0, "warp_cycle": 1.0, "domain": 10.0,
         "pixel": 0.0,  # not an official term: off unless asked for
         "perceptual_r52": 0.0, "mask": 0.0,  # v1 terms, off in the v2 command
-        "flow": 0.0, "warp_fidelity": 0.0, "warp_map": 0.0, "class_nce": 0.0,  # not official
+        "flow": 0.0, "warp_fidelity": 0.0, "class_nce": 0.0,  # not official
     }
 
 
@@ -224,23 +224,6 @@ def test_warp_fidelity_pulls_real_exemplar_outputs_to_their_warp_only(vgg):
     assert none_real["fidelity"].item() == 0.0
     coarse = _out(levels=(2,))  # a warp coarser than the output is upsampled to it
     assert torch.isfinite(criterion.generator_loss(_batch(is_pseudo=(0.0, 0.0)), coarse)[1]["fidelity"])
-
-
-def test_warp_map_compares_every_level_with_the_pooled_input_map_on_every_pair(vgg):
-    criterion = _criterion(vgg, vgg=0.0, perceptual=0.0, gan=0.0, gan_feat=0.0, domain=0.0, warp_cycle=0.0,
-                           warp_self=0.0, warp_map=2.0)
-    batch, out = _batch(is_pseudo=(1.0, 0.0)), _out(levels=(4, 1))
-    assert set(criterion.generator_loss(batch, out)[1]) == set()  # no warped maps: nothing to compare
-    g = torch.Generator().manual_seed(4)
-    out.warped_maps = [torch.rand(B, LABEL_NC, H // f, W // f, generator=g).requires_grad_(True) for f in (4, 1)]
-    _, terms = criterion.generator_loss(batch, out)
-    pooled = [F.avg_pool2d(batch["input_map"], 4), batch["input_map"]]
-    expected = 2.0 * sum((level - truth).abs().mean() for level, truth in zip(out.warped_maps, pooled)) / 2
-    torch.testing.assert_close(terms["map"], expected)
-    terms["map"].backward()
-    assert all(level.grad[i].abs().sum() > 0 for level in out.warped_maps for i in range(B))  # pseudo and real pairs
-    out.warped_maps = pooled
-    assert criterion.generator_loss(batch, out)[1]["map"].item() < 1e-6
 
 
 def test_class_nce_puts_each_pixel_on_the_exemplar_pixels_of_its_class():

@@ -93,38 +93,6 @@ def test_eval_mode_has_no_cycle_and_is_deterministic():
     assert torch.equal(a.image, b.image)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_warp_maps_reads_the_map_exactly_as_the_image(train):
-    """An exemplar map that holds the exemplar's own colours (label_nc 3) warps into the image's warp at every
-    level: same attention at level 0, same PatchMatch reads after it; the image path is unchanged."""
-    size = (64, 64)
-    torch.manual_seed(0)
-    net = CoCosNet(ModelConfig(image_size=size, label_nc=3, nef=8, ngf=8)).train(train)
-    x_a = torch.rand(2, 3, *size)
-    y_b = torch.rand(2, 3, *size) * 2 - 1
-    plain = net.correspondence(x_a, y_b, y_b.clone()) if not train else None
-    corr = net.correspondence(x_a, y_b, y_b.clone(), warp_maps=True)
-    assert len(corr.warped_maps) == len(corr.warped) == 4
-    for image, labels in zip(corr.warped, corr.warped_maps):
-        assert labels.shape == image.shape
-        torch.testing.assert_close(labels, image, rtol=1e-5, atol=1e-5)
-    if train:  # the map's warp is differentiable in the matching like the image's
-        corr.warped_maps[-1].mean().backward()
-        assert net.corr.theta_3.weight.grad.abs().sum() > 0
-        assert all(p.grad is not None for p in net.corr.patch_match.refine_net.parameters())
-    else:
-        assert plain.warped_maps is None
-        for a, b in zip(plain.warped, corr.warped):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_warp_maps_is_rejected_for_v1():
-    size = (64, 64)
-    net = CoCosNet(tiny_config(size, version=1, match_channels=16)).eval()
-    with pytest.raises(ValueError, match="v2 option"):
-        net(*inputs(size)[:3], warp_maps=True)
-
-
 def test_warp_residual_generator_starts_from_its_finest_warp():
     size = (64, 64)
     torch.manual_seed(0)

@@ -174,17 +174,6 @@ def test_v1_train_step_has_the_v1_terms(batch):
     assert [tuple(w.shape) for w in out.warped] == [(2, 3, 16, 16), (2, 3, 64, 64)]
 
 
-def test_warp_map_loss_trains_through_the_step(batch):
-    """loss.warp_map asks the v2 forward for the warped exemplar maps (only then: they cost a read per channel)."""
-    parts = tiny_parts(loss={"warp_map": 500.0})
-    losses, out = train_step(parts, batch, step=1)
-    assert losses["g/map"] > 0 and [tuple(m.shape) for m in out.warped_maps] == [
-        (2, 12, 8 * f, 8 * f) for f in (1, 2, 4, 8)]
-    assert train_step(tiny_parts(), batch)[1].warped_maps is None
-    with pytest.raises(ValueError, match="warp_map needs model.version 2"):
-        tiny_parts(model=TINY_V1_MODEL, loss={"warp_map": 1.0})
-
-
 def test_class_nce_trains_the_matching_features_through_the_step(batch):
     """loss.class_nce reads the classes from the shards' class channels (the mask task: all of them)."""
     parts = tiny_parts(loss={"class_nce": 10.0}, class_channels=(0, 12))

@@ -93,9 +93,8 @@ def build_parts(model_cfg: ModelConfig, weights: LossWeights, vgg: VGG19, *, lr:
     """Networks, losses, optimizers and scalers on `device`. `wrap` turns a module into its DDP version
     (ray.train.torch.prepare_model); the optimizers see the same parameters either way. class_channels: the
     shards' (manifest), for loss.class_nce."""
-    for name in ("warp_map", "class_nce"):
-        if getattr(weights, name) and model_cfg.version != 2:
-            raise ValueError(f"loss.{name} needs model.version 2 (v1 has loss.mask with model.warp_mask)")
+    if weights.class_nce and model_cfg.version != 2:
+        raise ValueError("loss.class_nce needs model.version 2 (v1 has loss.mask with model.warp_mask)")
     net = CoCosNet(model_cfg).to(device).train()
     discriminator = MultiscaleDiscriminator(model_cfg).to(device).train()
     vgg = vgg.to(device)
@@ -153,11 +152,10 @@ def _generate(parts: TrainParts, batch: Mapping[str, torch.Tensor], step: int | 
     """The generator's forward pass; when it fails on non-finite values (e.g. NaN indices inside PatchMatch after
     a diverged update) NonFiniteActivationError names the first layer whose output is not finite."""
     inputs = (batch["input_map"], batch["exemplar"], batch["exemplar_map"])
-    options = {"target": batch["image"], "warp_maps": parts.g_loss.weights.warp_map > 0}
     try:
-        return parts.net(*inputs, **options)
+        return parts.net(*inputs, target=batch["image"])
     except Exception as err:
-        layer = diagnose_forward(unwrap(parts.net), *inputs, **options)
+        layer = diagnose_forward(unwrap(parts.net), *inputs, target=batch["image"])
         if layer is None:
             raise
         raise NonFiniteActivationError(f"the output of net.{layer}", step, "holds NaN or Inf values", ADVICE) from err
