@@ -17,6 +17,7 @@ the image), time the median pass.
     python -m benchmarks.train_step                        # 256 and 512, batch 1: ~25 min on 2 cores
     python -m benchmarks.train_step --sizes 256 --batch 1 2 4
     python -m benchmarks.train_step --sizes 1024 --repeats 1   # ~13 GiB, about an hour on 2 cores
+    python -m benchmarks.train_step --sizes 512 1024 --sections context --repeats 1   # the contextual loss alone
 """
 from __future__ import annotations
 
@@ -79,9 +80,26 @@ def corr_case(size: int, batch: int):
     return run
 
 
+def context_case(size: int, batch: int, whole: bool = False):
+    """The contextual loss alone (the official 8 CX(r52) + 4 CX(r42) + 2 CX(pooled r32)) at the VGG19 feature
+    sizes of a size x size image, forward + backward; ``whole``: in one piece, as before it was chunked."""
+    from model.losses import CONTEXTUAL_CHUNK_ELEMENTS, vgg_contextual_loss
+
+    torch.manual_seed(0)
+    shapes = {"r52": (512, size // 16), "r42": (512, size // 8), "r32": (256, size // 4)}
+    fake = {k: torch.randn(batch, c, s, s).relu().requires_grad_(True) for k, (c, s) in shapes.items()}
+    exemplar = {k: torch.randn(batch, c, s, s).relu() for k, (c, s) in shapes.items()}
+    chunk_elements = 2**62 if whole else CONTEXTUAL_CHUNK_ELEMENTS
+    return lambda: vgg_contextual_loss(fake, exemplar, chunk_elements=chunk_elements).backward()
+
+
+CASES = {"step": step_case, "corr": corr_case, "context": context_case,
+         "context_whole": lambda size, batch: context_case(size, batch, whole=True)}
+
+
 def run_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    run = (step_case if spec["section"] == "step" else corr_case)(spec["size"], spec["batch"])
+    run = CASES[spec["section"]](spec["size"], spec["batch"])
     setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, cpu = [], []
     for _ in range(spec["repeats"]):
@@ -102,7 +120,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
-    parser.add_argument("--sections", nargs="+", choices=["step", "corr"], default=["step", "corr"])
+    parser.add_argument("--sections", nargs="+", choices=["step", "corr", "context"], default=["step", "corr"],
+                        help="context: the contextual loss alone, chunked and in one piece (the baseline)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -112,12 +131,23 @@ def main(argv=None) -> None:
         return
     print(f"torch {torch.__version__}, {args.threads} threads, official widths, default mode (auto checkpointing), "
           f"{args.repeats} passes per process; peak = whole-process peak RSS")
-    print(f"{'size':>5} {'batch':>5} | {'step s':>7} {'CPU s':>7} {'peak GiB':>8} {'setup':>6} | {'corr s':>7} "
-          f"{'CPU s':>7} {'peak GiB':>8} {'setup':>6} | load")
+    if set(args.sections) - {"context"}:
+        print(f"{'size':>5} {'batch':>5} | {'step s':>7} {'CPU s':>7} {'peak GiB':>8} {'setup':>6} | {'corr s':>7} "
+              f"{'CPU s':>7} {'peak GiB':>8} {'setup':>6} | load")
     for size in args.sizes:
         for batch in args.batch:
-            res = {s: spawn({"section": s, "size": size, "batch": batch, "repeats": args.repeats,
-                             "threads": args.threads}) for s in args.sections}
+            spec = {"size": size, "batch": batch, "repeats": args.repeats, "threads": args.threads}
+            if "context" in args.sections:
+                chunked, whole = (spawn({**spec, "section": s}) for s in ("context", "context_whole"))
+                print(f"{size:>5} {batch:>5} | contextual loss, chunked: {chunked['cpu_s']:.1f} CPU s, peak "
+                      f"{chunked['peak_mib'] / 1024:.2f} GiB (setup {chunked['setup_mib'] / 1024:.2f}); in one piece: "
+                      f"{whole['cpu_s']:.1f} CPU s, peak {whole['peak_mib'] / 1024:.2f} GiB; one piece / chunked: "
+                      f"CPU {whole['cpu_s'] / chunked['cpu_s']:.2f}x, peak above setup "
+                      f"{(whole['peak_mib'] - whole['setup_mib']) / (chunked['peak_mib'] - chunked['setup_mib']):.2f}x "
+                      f"| load {chunked['load']:.1f} {whole['load']:.1f}", flush=True)
+            res = {s: spawn({**spec, "section": s}) for s in args.sections if s != "context"}
+            if not res:
+                continue
             cells = []
             for section in ("step", "corr"):
                 r = res.get(section)

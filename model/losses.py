@@ -96,7 +96,8 @@ def contextual_loss(
 
 
 def vgg_contextual_loss(
-    fake: Mapping[str, torch.Tensor], exemplar: Mapping[str, torch.Tensor], center: Center | None = "channel"
+    fake: Mapping[str, torch.Tensor], exemplar: Mapping[str, torch.Tensor], center: Center | None = "channel",
+    chunk_elements: int = CONTEXTUAL_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """The official ``get_ctx_loss``: 8 CX(r52) + 4 CX(r42) + 2 CX(avgpool2(r32)), batch mean.
 
@@ -104,12 +105,11 @@ def vgg_contextual_loss(
     """
     # r32 is pooled to keep the (hw x hw) affinity matrix affordable.
     return (
-        8 * contextual_loss(fake["r52"], exemplar["r52"].detach(), center=center).mean()
-        + 4 * contextual_loss(fake["r42"], exemplar["r42"].detach(), center=center).mean()
-        + 2
-        * contextual_loss(
-            F.avg_pool2d(fake["r32"], 2), F.avg_pool2d(exemplar["r32"].detach(), 2), center=center
-        ).mean()
+        8 * contextual_loss(fake["r52"], exemplar["r52"].detach(), center=center, chunk_elements=chunk_elements).mean()
+        + 4 * contextual_loss(fake["r42"], exemplar["r42"].detach(), center=center,
+                              chunk_elements=chunk_elements).mean()
+        + 2 * contextual_loss(F.avg_pool2d(fake["r32"], 2), F.avg_pool2d(exemplar["r32"].detach(), 2), center=center,
+                              chunk_elements=chunk_elements).mean()
     )
 
 
