@@ -15,9 +15,9 @@ from typing import Iterator, Literal, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from model.discriminator import MultiscaleDiscriminator
+from model.layers import maybe_checkpoint
 from model.vgg import VGG19
 
 Center = Literal["channel", "spatial"]
@@ -88,10 +88,8 @@ def contextual_loss(
             best = _best_affinity(x, y, h)
         else:
             recompute = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-            best = torch.cat([
-                checkpoint(_best_affinity, x[..., i:i + rows], y, h, use_reentrant=False) if recompute
-                else _best_affinity(x[..., i:i + rows], y, h)
-                for i in range(0, x.shape[2], rows)], dim=1)
+            best = torch.cat([maybe_checkpoint(recompute, _best_affinity, x[..., i:i + rows], y, h)
+                              for i in range(0, x.shape[2], rows)], dim=1)
         return -torch.log(best.mean(dim=1))
 
 
