@@ -22,6 +22,7 @@ inputs and the passes), which is what an out-of-memory killer sees. Ratios are o
 
     python -m benchmarks.vs_official --official ~/src/CoCosNet-v2                 # 512: ~15 min, ~18 GiB
     python -m benchmarks.vs_official --official ~/src/CoCosNet-v2 --ours-only --sizes 1024
+    python -m benchmarks.vs_official --official ~/src/CoCosNet-v2 --option gru_grad_iters=1   # truncated GRU gradient
 """
 from __future__ import annotations
 
@@ -66,11 +67,11 @@ def official_net(checkout: Path, featpair: bool):
     return net, step
 
 
-def our_net(size: int):
+def our_net(size: int, options: dict):
     from model import CoCosNet, ModelConfig
 
     torch.manual_seed(0)
-    net = CoCosNet(ModelConfig(image_size=(size, size), label_nc=20, nef=32)).train()
+    net = CoCosNet(ModelConfig(image_size=(size, size), label_nc=20, nef=32, **options)).train()
 
     def step(input_map, exemplar, exemplar_map):
         return sum(w.mean() for w in net.correspondence(input_map, exemplar, exemplar_map).warped)
@@ -82,7 +83,7 @@ def run_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     size = spec["size"]
     net, step = (official_net(Path(spec["official"]), spec["featpair"]) if spec["impl"] == "official"
-                 else our_net(size))
+                 else our_net(size, spec["options"]))
     inputs = make_inputs(size)
     setup_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, cpu = [], []
@@ -117,6 +118,8 @@ def main(argv=None) -> None:
     parser.add_argument("--official-featpair", action="store_true",
                         help="official isTrain: also its third adaptor pass and feature-pair loss")
     parser.add_argument("--ours-only", action="store_true", help="skip the official runs (e.g. at 1024)")
+    parser.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a ModelConfig field for ours (a JSON value), e.g. gru_grad_iters=1; repeatable")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -124,9 +127,16 @@ def main(argv=None) -> None:
         return
     if not args.ours_only and (args.official is None or not (args.official / "models/networks/patch_match.py").is_file()):
         parser.error("--official must point at a CoCosNet-v2 checkout (models/networks/patch_match.py), or pass --ours-only")
-    print(f"torch {torch.__version__}, {args.threads} threads, batch 1, nef 32, {args.repeats} passes per process")
+    options = {}
+    for item in args.option:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--option {item!r}: expected FIELD=VALUE")
+        options[field] = json.loads(value)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch 1, nef 32, {args.repeats} passes per process"
+          + (f"; ours with {options}" if options else ""))
     base = {"threads": args.threads, "repeats": args.repeats, "official": str(args.official),
-            "featpair": args.official_featpair}
+            "featpair": args.official_featpair, "options": options}
     for size in args.sizes:
         ours = spawn(dict(base, impl="ours", size=size)) if args.ours_only else None
         if not args.ours_only:

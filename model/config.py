@@ -43,6 +43,12 @@ class ModelConfig:
     ndf: int = 64  # width of the discriminator
     version: int = 2  # 2: CoCosNet v2 (CVPR 2021, PatchMatch); 1: CoCosNet (CVPR 2020, full attention at H/4)
     patchmatch_iters: int = 5
+    # Not official (the official GRU gets no gradient at all): through how many of its last PatchMatch
+    # iterations the GRU is trained in the default mode. 1 = the last update, the only one the final
+    # candidates depend on differentiably; None = all (backpropagation through every iteration's hidden
+    # state: at 512 px ~1.2x the correspondence's training time and +0.75 GiB); 0 = none. Iterations
+    # before these run without a graph, and the initial hidden layer is trained only with None. v2 only.
+    gru_grad_iters: int | None = 1
     search_window: int = 4  # per side; candidates = search_window ** 2
     search_dilation: int = 2
     temperature: float = 0.01
@@ -87,6 +93,8 @@ class ModelConfig:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.patchmatch_iters < 1:
             raise ValueError(f"patchmatch_iters must be >= 1, got {self.patchmatch_iters}")
+        if self.gru_grad_iters is not None and self.gru_grad_iters < 0:
+            raise ValueError(f"gru_grad_iters must be None (all iterations) or >= 0, got {self.gru_grad_iters}")
         if self.match_kernel < 1 or self.match_kernel % 2 == 0:
             raise ValueError(f"match_kernel must be odd and >= 1, got {self.match_kernel}")
         if self.warp_upsample not in ("nearest", "bilinear", "patch"):

@@ -151,13 +151,20 @@ class PatchMatchGRU(nn.Module):
 
     Matching scores and their softmax are computed in float32 whatever the autocast dtype: the
     temperature (0.01) multiplies the rounding error of a bf16 dot product by 100.
+
+    ``grad_iters``: the GRU is trained through the last ``grad_iters`` iterations only (None: all); the
+    earlier ones, and below all of them the initial hidden layer, run without a graph. The final
+    candidates depend differentiably on the last update alone (the search re-derives them from integer
+    positions), so this only cuts the gradient through the hidden state's past. Parameters it leaves
+    without a gradient are frozen (``requires_grad=False``).
     """
 
     def __init__(self, feat_ch: int, num_candidates: int = 16, iters: int = 5, temperature: float = 0.01,
-                 official_compat: bool = False, hidden_dim: int = 32):
+                 official_compat: bool = False, hidden_dim: int = 32, grad_iters: int | None = None):
         super().__init__()
         self.num_candidates = num_candidates
         self.iters = iters
+        self.grad_iters = iters if grad_iters is None else min(grad_iters, iters)
         self.temperature = temperature
         self.official_compat = official_compat
         norm, relu = nn.InstanceNorm2d(hidden_dim, affine=False), nn.ReLU(inplace=True)
@@ -166,6 +173,9 @@ class PatchMatchGRU(nn.Module):
             nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1), norm, relu,
         )
         self.refine_net = UpdateBlock(num_candidates, hidden_dim)
+        # Parameters no gradient can reach are frozen, so DDP does not wait for their gradients.
+        self.initial_layer.requires_grad_(self.grad_iters == iters)
+        self.refine_net.requires_grad_(self.grad_iters > 0)
 
     def _evaluate(self, left, right, offsets):
         """Score all candidates and keep the top K.
@@ -241,13 +251,16 @@ class PatchMatchGRU(nn.Module):
         # With integer candidates (official) nothing downstream depends on the GRU differentiably,
         # so recording its graph would only hold every iteration's activations in memory.
         grad = torch.is_grad_enabled() and not self.official_compat
-        with torch.set_grad_enabled(grad):
-            hidden = maybe_checkpoint(checkpointed and grad, self._initial_hidden, left, right)
-            for it in range(self.iters):
-                horizontal_first = random.random() < 0.5 if self.official_compat else it % 2 == 0
-                offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first)
-                hidden, delta = maybe_checkpoint(checkpointed and grad, self.refine_net, hidden, corr, offsets.flatten(1, 2))
-                offsets = offsets + delta.view_as(offsets)
+        first_tracked = self.iters - self.grad_iters
+        with torch.set_grad_enabled(grad and first_tracked == 0):
+            hidden = maybe_checkpoint(checkpointed and torch.is_grad_enabled(), self._initial_hidden, left, right)
+        for it in range(self.iters):
+            horizontal_first = random.random() < 0.5 if self.official_compat else it % 2 == 0
+            offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first)
+            with torch.set_grad_enabled(grad and it >= first_tracked):
+                hidden, delta = maybe_checkpoint(checkpointed and torch.is_grad_enabled(), self.refine_net, hidden,
+                                                 corr, offsets.flatten(1, 2))
+            offsets = offsets + delta.view_as(offsets)
         positions = offsets_to_positions(offsets)
         if self.official_compat:
             index = positions_to_index(positions, truncate=True).flatten(2).transpose(1, 2)

@@ -79,9 +79,10 @@ def test_level0_attention_equals_the_dense_softmax(c):
     assert torch.equal(res.best.flatten(2).long(), torch.stack([index // 5, index % 5], dim=1))
 
 
-def _loss_and_grads(cfg: ModelConfig):
+def _loss_and_grads(cfg: ModelConfig, setup=lambda net: None):
     torch.manual_seed(0)
     net = CoCosNet(cfg).train()
+    setup(net)
     x_a, y_b, y_a, x_b = inputs(cfg.image_size, b=2)
     out = net(x_a, y_b, y_a, target=x_b)
     domain = sum(F.l1_loss(a, b) for a, b in out.domain_features)
@@ -90,15 +91,59 @@ def _loss_and_grads(cfg: ModelConfig):
     return loss.detach(), {n: p.grad for n, p in net.named_parameters()}
 
 
-def test_checkpointed_training_gives_the_same_loss_and_gradients():
+def _same_grads(a: dict, b: dict) -> list[str]:
+    """Names whose gradients differ (bit for bit; None only matches None)."""
+    assert a.keys() == b.keys()
+    return [n for n in a if (a[n] is None) != (b[n] is None) or (a[n] is not None and not torch.equal(a[n], b[n]))]
+
+
+@pytest.mark.parametrize("gru_grad_iters", [None, 1])
+def test_checkpointed_training_gives_the_same_loss_and_gradients(gru_grad_iters):
     """Tolerance: bit-identical. The recomputation repeats the same float32 operations on the same
     inputs (the search, the only part with discrete choices, is never recomputed)."""
-    loss_plain, grads_plain = _loss_and_grads(tiny_config((64, 64), checkpointing="none"))
-    loss_ckpt, grads_ckpt = _loss_and_grads(tiny_config((64, 64), checkpointing="full"))
+    loss_plain, grads_plain = _loss_and_grads(tiny_config((64, 64), checkpointing="none", gru_grad_iters=gru_grad_iters))
+    loss_ckpt, grads_ckpt = _loss_and_grads(tiny_config((64, 64), checkpointing="full", gru_grad_iters=gru_grad_iters))
     assert torch.equal(loss_plain, loss_ckpt)
-    assert grads_plain.keys() == grads_ckpt.keys()
-    different = [n for n in grads_plain if not torch.equal(grads_plain[n], grads_ckpt[n])]
-    assert different == []
+    assert _same_grads(grads_plain, grads_ckpt) == []
+
+
+def test_truncated_gru_gradient_is_the_last_iteration_with_its_hidden_state_detached():
+    """gru_grad_iters=1 (the default) gives what full backpropagation gives when the hidden state entering each level's
+    last update is cut from its past: the same loss, the update block trained through the last iteration
+    only, the initial hidden layer not at all. Tolerance: bit-identical (the same operations run; the
+    earlier iterations only skip recording a graph that would receive no gradient)."""
+    iters = tiny_config((64, 64)).patchmatch_iters
+
+    def detach_before_last_update(net):
+        calls = []
+
+        def hook(module, args):
+            calls.append(None)
+            if len(calls) % iters == 0:  # the last of a level's updates
+                hidden, *rest = args
+                return (hidden.detach(), *rest)
+
+        net.corr.patch_match.refine_net.register_forward_pre_hook(hook)
+
+    full = tiny_config((64, 64), checkpointing="none", gru_grad_iters=None)
+    loss_cut, grads_cut = _loss_and_grads(full, detach_before_last_update)
+    loss_full, grads_full = _loss_and_grads(full)
+    loss_last, grads_last = _loss_and_grads(tiny_config((64, 64), checkpointing="none", gru_grad_iters=1))
+    assert torch.equal(loss_last, loss_full)
+    assert _same_grads(grads_last, grads_cut) == []
+    refine = [n for n in grads_last if ".refine_net." in n]
+    assert refine and all(grads_last[n] is not None and grads_last[n].abs().sum() > 0 for n in refine)
+    assert any(not torch.equal(grads_last[n], grads_full[n]) for n in refine)  # truncation changes them
+    assert all(grads_last[n] is None for n in grads_last if ".initial_layer." in n)
+    net = CoCosNet(tiny_config((64, 64), gru_grad_iters=1))
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n in grads_last if ".initial_layer." in n}  # so DDP does not wait for them
+    _, grads_none = _loss_and_grads(tiny_config((64, 64), checkpointing="none", gru_grad_iters=0))
+    assert all(grads_none[n] is None for n in refine)
+    assert _same_grads(_loss_and_grads(tiny_config((64, 64), checkpointing="none", gru_grad_iters=iters))[1],
+                       grads_full) == []
+    with pytest.raises(ValueError, match="gru_grad_iters"):
+        tiny_config((64, 64), gru_grad_iters=-1)
 
 
 def test_final_read_in_pixel_chunks_gives_the_same_loss_and_gradients(monkeypatch):
@@ -114,6 +159,9 @@ def test_final_read_in_pixel_chunks_gives_the_same_loss_and_gradients(monkeypatc
     loss_ckpt, grads_ckpt = _loss_and_grads(tiny_config((64, 64), checkpointing="full"))
     assert torch.equal(loss_one, loss_plain) and torch.equal(loss_plain, loss_ckpt)
     for name, grad in grads_one.items():
+        if grad is None:  # the GRU's initial layer below gru_grad_iters=None
+            assert grads_plain[name] is None and grads_ckpt[name] is None, name
+            continue
         error = torch.linalg.vector_norm(grads_plain[name] - grad)
         assert error <= 1e-4 * torch.linalg.vector_norm(grad) + 1e-5, name
         assert torch.equal(grads_ckpt[name], grads_plain[name]), name

@@ -53,24 +53,29 @@ def test_forward_backward_shapes(size):
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
-def test_every_parameter_learns_in_default_mode():
-    """Unlike the official code (GRU and initial layer get no gradient), every parameter learns."""
+@pytest.mark.parametrize("gru_grad_iters", [1, None])
+def test_every_parameter_learns_in_default_mode(gru_grad_iters):
+    """Unlike the official code (GRU and initial layer get no gradient), every parameter learns; only the
+    GRU's initial hidden layer waits for gru_grad_iters=None (its output reaches the loss through every
+    iteration's hidden state)."""
     size = (64, 64)
-    net = CoCosNet(tiny_config(size)).train()
+    net = CoCosNet(tiny_config(size, gru_grad_iters=gru_grad_iters)).train()
     x_a, y_b, y_a, x_b = inputs(size, b=2)
     out = net(x_a, y_b, y_a, target=x_b)
     domain = sum(F.l1_loss(a, b) for a, b in out.domain_features)
     (F.l1_loss(out.image, x_b) + warp_loss(out, x_b) + F.l1_loss(out.cycle, out.warped[0]) + domain).backward()
     dead = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert dead == []
+    initial = [n for n, _ in net.named_parameters() if n.startswith("corr.patch_match.initial_layer.")]
+    assert initial and dead == (initial if gru_grad_iters == 1 else [])
 
 
-def test_warp_loss_alone_reaches_the_gru():
+@pytest.mark.parametrize("gru_grad_iters", [1, None])
+def test_warp_loss_alone_reaches_the_gru(gru_grad_iters):
     size = (64, 64)
-    net = CoCosNet(tiny_config(size)).train()
+    net = CoCosNet(tiny_config(size, gru_grad_iters=gru_grad_iters)).train()
     x_a, y_b, y_a, x_b = inputs(size)
     warp_loss(net(x_a, y_b, y_a), x_b).backward()
-    gru = net.corr.patch_match
+    gru = net.corr.patch_match.refine_net if gru_grad_iters == 1 else net.corr.patch_match
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gru.parameters())
 
 

@@ -30,9 +30,12 @@ def two_nodes():
 
 def test_two_workers_on_two_nodes_stay_in_sync_on_disjoint_data(two_nodes, train_shards, tmp_path):
     assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
-    result = run_training(params(tmp_path, sqlite_uri(tmp_path), steps=4, checkpoint_every=2, workers=2,
-                                 placement_strategy="SPREAD", image_every=100, audit={}),
-                          shards=train_shards, models_dir=None, base=tmp_path)
+    config = params(tmp_path, sqlite_uri(tmp_path), steps=4, checkpoint_every=2, workers=2,
+                    placement_strategy="SPREAD", image_every=100, audit={})
+    # Two PatchMatch iterations: the default gru_grad_iters=1 then leaves the GRU's initial layer without a
+    # gradient (frozen), which DDP must not wait for.
+    config["model"]["patchmatch_iters"] = 2
+    result = run_training(config, shards=train_shards, models_dir=None, base=tmp_path)
     assert [m["step"] for m in result.reports] == [2, 4]
     for metrics in result.reports:
         assert metrics["world_size"] == 2
