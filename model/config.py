@@ -46,7 +46,7 @@ class ModelConfig:
     # Not official (the official GRU gets no gradient at all): through how many of its last PatchMatch
     # iterations the GRU is trained in the default mode. 1 = the last update, the only one the final
     # candidates depend on differentiably; None = all (backpropagation through every iteration's hidden
-    # state: at 512 px ~1.2x the correspondence's training time and +0.75 GiB); 0 = none. Iterations
+    # state: at 512 px ~1.25x the correspondence's training time and +0.66 GiB); 0 = none. Iterations
     # before these run without a graph, and the initial hidden layer is trained only with None. v2 only.
     gru_grad_iters: int | None = 1
     search_window: int = 4  # per side; candidates = search_window ** 2
