@@ -101,15 +101,16 @@ def _same_grads(a: dict, b: dict) -> list[str]:
 def test_checkpointed_training_gives_the_same_loss_and_gradients(gru_grad_iters):
     """Tolerance: bit-identical. The recomputation repeats the same float32 operations on the same
     inputs (the search, the only part with discrete choices, is never recomputed)."""
-    loss_plain, grads_plain = _loss_and_grads(tiny_config((64, 64), checkpointing="none", gru_grad_iters=gru_grad_iters))
-    loss_ckpt, grads_ckpt = _loss_and_grads(tiny_config((64, 64), checkpointing="full", gru_grad_iters=gru_grad_iters))
+    config = lambda mode: tiny_config((64, 64), checkpointing=mode, gru_grad_iters=gru_grad_iters)  # noqa: E731
+    loss_plain, grads_plain = _loss_and_grads(config("none"))
+    loss_ckpt, grads_ckpt = _loss_and_grads(config("full"))
     assert torch.equal(loss_plain, loss_ckpt)
     assert _same_grads(grads_plain, grads_ckpt) == []
 
 
 def test_truncated_gru_gradient_is_the_last_iteration_with_its_hidden_state_detached():
-    """gru_grad_iters=1 (the default) gives what full backpropagation gives when the hidden state entering each level's
-    last update is cut from its past: the same loss, the update block trained through the last iteration
+    """gru_grad_iters=1 (the default) gives what full backpropagation gives when the hidden state entering
+    each level's last update is cut from its past: the same loss, the update block trained through the last iteration
     only, the initial hidden layer not at all. Tolerance: bit-identical (the same operations run; the
     earlier iterations only skip recording a graph that would receive no gradient)."""
     iters = tiny_config((64, 64)).patchmatch_iters
