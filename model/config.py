@@ -44,11 +44,12 @@ class ModelConfig:
     version: int = 2  # 2: CoCosNet v2 (CVPR 2021, PatchMatch); 1: CoCosNet (CVPR 2020, full attention at H/4)
     patchmatch_iters: int = 5
     # Not official (the official GRU gets no gradient at all): through how many of its last PatchMatch
-    # iterations the GRU is trained in the default mode. 1 = the last update, the only one the final
-    # candidates depend on differentiably; None = all (backpropagation through every iteration's hidden
-    # state: at 512 px ~1.25x the correspondence's training time and +0.66 GiB); 0 = none. Iterations
-    # before these run without a graph, and the initial hidden layer is trained only with None. v2 only.
-    gru_grad_iters: int | None = 1
+    # iterations the GRU is trained. None = all: backpropagation through every iteration's hidden state, which
+    # also trains the GRU's initial layer. n = the last n, the earlier iterations run without a graph (1: the
+    # last update, the only one the final candidates depend on differentiably); 0 = none. At 512 px, 1 costs
+    # 0.80x the correspondence's training time and 0.66 GiB less, but learned worse warps in short runs
+    # (benchmarks/README.md, "Side by side with the official code"). v2 only.
+    gru_grad_iters: int | None = None
     search_window: int = 4  # per side; candidates = search_window ** 2
     search_dilation: int = 2
     temperature: float = 0.01

@@ -53,10 +53,10 @@ def test_forward_backward_shapes(size):
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("gru_grad_iters", [1, None])
+@pytest.mark.parametrize("gru_grad_iters", [None, 1])
 def test_every_parameter_learns_in_default_mode(gru_grad_iters):
-    """Unlike the official code (GRU and initial layer get no gradient), every parameter learns; only the
-    GRU's initial hidden layer waits for gru_grad_iters=None (its output reaches the loss through every
+    """Unlike the official code (GRU and initial layer get no gradient), every parameter learns; with
+    gru_grad_iters=1 all but the GRU's initial hidden layer (its output reaches the loss only through every
     iteration's hidden state)."""
     size = (64, 64)
     net = CoCosNet(tiny_config(size, gru_grad_iters=gru_grad_iters)).train()
@@ -69,7 +69,7 @@ def test_every_parameter_learns_in_default_mode(gru_grad_iters):
     assert initial and dead == (initial if gru_grad_iters == 1 else [])
 
 
-@pytest.mark.parametrize("gru_grad_iters", [1, None])
+@pytest.mark.parametrize("gru_grad_iters", [None, 1])
 def test_warp_loss_alone_reaches_the_gru(gru_grad_iters):
     size = (64, 64)
     net = CoCosNet(tiny_config(size, gru_grad_iters=gru_grad_iters)).train()

@@ -32,9 +32,9 @@ def test_two_workers_on_two_nodes_stay_in_sync_on_disjoint_data(two_nodes, train
     assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
     config = params(tmp_path, sqlite_uri(tmp_path), steps=4, checkpoint_every=2, workers=2,
                     placement_strategy="SPREAD", image_every=100, audit={})
-    # Two PatchMatch iterations: the default gru_grad_iters=1 then leaves the GRU's initial layer without a
-    # gradient (frozen), which DDP must not wait for.
-    config["model"]["patchmatch_iters"] = 2
+    # gru_grad_iters=1 of 2 PatchMatch iterations leaves the GRU's initial layer without a gradient (frozen),
+    # which DDP must not wait for.
+    config["model"].update(patchmatch_iters=2, gru_grad_iters=1)
     result = run_training(config, shards=train_shards, models_dir=None, base=tmp_path)
     assert [m["step"] for m in result.reports] == [2, 4]
     for metrics in result.reports:
