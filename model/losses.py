@@ -101,14 +101,12 @@ def vgg_contextual_loss(
 
     fake, exemplar: VGG features by layer name, each (B, C, h, w). -> scalar.
     """
+    def cx(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return contextual_loss(x, y.detach(), center=center, chunk_elements=chunk_elements).mean()
+
     # r32 is pooled to keep the (hw x hw) affinity matrix affordable.
-    return (
-        8 * contextual_loss(fake["r52"], exemplar["r52"].detach(), center=center, chunk_elements=chunk_elements).mean()
-        + 4 * contextual_loss(fake["r42"], exemplar["r42"].detach(), center=center,
-                              chunk_elements=chunk_elements).mean()
-        + 2 * contextual_loss(F.avg_pool2d(fake["r32"], 2), F.avg_pool2d(exemplar["r32"].detach(), 2), center=center,
-                              chunk_elements=chunk_elements).mean()
-    )
+    return (8 * cx(fake["r52"], exemplar["r52"]) + 4 * cx(fake["r42"], exemplar["r42"])
+            + 2 * cx(F.avg_pool2d(fake["r32"], 2), F.avg_pool2d(exemplar["r32"], 2)))
 
 
 # ----------------------------------------------------------------------------- GAN losses
