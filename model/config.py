@@ -8,6 +8,7 @@ from typing import Literal
 WarpUpsample = Literal["nearest", "bilinear", "patch"]
 GeneratorInput = Literal["warp_mask", "warp"]
 Checkpointing = Literal["auto", "none", "iterations", "full"]
+MotionGrad = Literal["last", "all"]
 CHECKPOINTING = ("auto", "none", "iterations", "full")
 # `auto` checkpoints in training from this image side up: below it the activations are small and
 # recomputing them would only cost time.
@@ -50,6 +51,11 @@ class ModelConfig:
     # 0.80x the correspondence's training time and 0.66 GiB less, but learned worse warps in short runs
     # (benchmarks/README.md, "Side by side with the official code"). v2 only.
     gru_grad_iters: int | None = None
+    # Not official: which of those iterations train the GRU's motion encoder. "last": the last update only; the
+    # earlier ones train its recurrence alone, their motion features entering it as constants (at 512 px 0.8x the
+    # correspondence's training time of "all", and no worse warps in two seeds: benchmarks/README.md). "all": every
+    # one, full backpropagation through time. v2 only.
+    gru_motion_grad: MotionGrad = "last"
     search_window: int = 4  # per side; candidates = search_window ** 2
     search_dilation: int = 2
     temperature: float = 0.01
@@ -96,6 +102,8 @@ class ModelConfig:
             raise ValueError(f"patchmatch_iters must be >= 1, got {self.patchmatch_iters}")
         if self.gru_grad_iters is not None and self.gru_grad_iters < 0:
             raise ValueError(f"gru_grad_iters must be None (all iterations) or >= 0, got {self.gru_grad_iters}")
+        if self.gru_motion_grad not in ("last", "all"):
+            raise ValueError(f"gru_motion_grad must be 'last' or 'all', got {self.gru_motion_grad!r}")
         if self.match_kernel < 1 or self.match_kernel % 2 == 0:
             raise ValueError(f"match_kernel must be odd and >= 1, got {self.match_kernel}")
         if self.warp_upsample not in ("nearest", "bilinear", "patch"):

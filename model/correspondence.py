@@ -106,7 +106,8 @@ class Correspondence(nn.Module):
             self.add_module(f"theta_{i}", nn.Conv2d(channels, nf, 1))
             self.add_module(f"phi_{i}", nn.Conv2d(channels, nf, 1))
         self.patch_match = PatchMatchGRU(nf, cfg.num_candidates, cfg.patchmatch_iters, cfg.temperature,
-                                         cfg.official_compat, grad_iters=cfg.gru_grad_iters)
+                                         cfg.official_compat, grad_iters=cfg.gru_grad_iters,
+                                         motion_grad=cfg.gru_motion_grad)
 
     def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
                 target: torch.Tensor | None = None) -> CorrespondenceOutput:

@@ -152,19 +152,32 @@ class PatchMatchGRU(nn.Module):
     Matching scores and their softmax are computed in float32 whatever the autocast dtype: the
     temperature (0.01) multiplies the rounding error of a bf16 dot product by 100.
 
+    The final candidates depend differentiably on the last update alone: the search re-derives them
+    from integer positions. So the earlier updates reach the loss only through the hidden state they
+    pass on, and their offset heads never need a graph.
+
     ``grad_iters``: the GRU is trained through the last ``grad_iters`` iterations only (None: all); the
-    earlier ones, and below all of them the initial hidden layer, run without a graph. The final
-    candidates depend differentiably on the last update alone (the search re-derives them from integer
-    positions), so this only cuts the gradient through the hidden state's past. Parameters it leaves
-    without a gradient are frozen (``requires_grad=False``).
+    earlier ones, and below all of them the initial hidden layer, run without a graph. This cuts the
+    gradient through the hidden state's past.
+
+    ``motion_grad``: which tracked iterations train the motion encoder. "last": the last update only; the
+    earlier ones train the recurrence alone (their motion features enter it as constants, so the
+    backward pass neither recomputes nor differentiates the encoder there). "all": every tracked
+    iteration (full backpropagation through time).
+
+    Parameters left without a gradient are frozen (``requires_grad=False``).
     """
 
     def __init__(self, feat_ch: int, num_candidates: int = 16, iters: int = 5, temperature: float = 0.01,
-                 official_compat: bool = False, hidden_dim: int = 32, grad_iters: int | None = None):
+                 official_compat: bool = False, hidden_dim: int = 32, grad_iters: int | None = None,
+                 motion_grad: str = "last"):
         super().__init__()
+        if motion_grad not in ("last", "all"):
+            raise ValueError(f"motion_grad must be 'last' or 'all', got {motion_grad!r}")
         self.num_candidates = num_candidates
         self.iters = iters
         self.grad_iters = iters if grad_iters is None else min(grad_iters, iters)
+        self.motion_grad = motion_grad
         self.temperature = temperature
         self.official_compat = official_compat
         norm, relu = nn.InstanceNorm2d(hidden_dim, affine=False), nn.ReLU(inplace=True)
@@ -188,7 +201,8 @@ class PatchMatchGRU(nn.Module):
         prob = F.softmax(candidate_dots(left, right, index) / self.temperature, dim=-1)
         top_prob, top = torch.topk(prob, self.num_candidates, dim=-1)
         kept = torch.gather(index, -1, top).transpose(1, 2).reshape(b, -1, h, w)
-        return index_to_offsets(kept), top_prob.transpose(1, 2).reshape(b, -1, h, w)
+        # contiguous: the reshape is a channels-last view, a layout the GRU's convolutions would keep
+        return index_to_offsets(kept), top_prob.transpose(1, 2).reshape(b, -1, h, w).contiguous()
 
     @torch.no_grad()
     def _search(self, left, right, offsets, horizontal_first: bool):
@@ -197,6 +211,15 @@ class PatchMatchGRU(nn.Module):
 
     def _initial_hidden(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         return self.initial_layer(torch.cat([left, right], dim=1))
+
+    def _recur(self, hidden, corr, flow, checkpointed: bool) -> torch.Tensor:
+        """An update before the last: the new hidden state alone (its offset delta reaches no loss)."""
+        block = self.refine_net
+        if self.motion_grad == "all":
+            return maybe_checkpoint(checkpointed, block.recur, hidden, corr, flow)
+        with torch.no_grad():
+            motion = block.encoder(flow, corr)
+        return maybe_checkpoint(checkpointed, block.gru, hidden, motion)
 
     def _continuous_read(self, left_rows, right_rows, image_rows, positions, checkpointed: bool):
         """Score and warp at continuous positions: each candidate's feature and colour are bilinear
@@ -257,9 +280,15 @@ class PatchMatchGRU(nn.Module):
         for it in range(self.iters):
             horizontal_first = random.random() < 0.5 if self.official_compat else it % 2 == 0
             offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first)
+            flow = offsets.flatten(1, 2)
             with torch.set_grad_enabled(grad and it >= first_tracked):
-                hidden, delta = maybe_checkpoint(checkpointed and torch.is_grad_enabled(), self.refine_net, hidden,
-                                                 corr, offsets.flatten(1, 2))
+                ckpt = checkpointed and torch.is_grad_enabled()
+                if it == self.iters - 1:
+                    hidden, delta = maybe_checkpoint(ckpt, self.refine_net, hidden, corr, flow)
+                else:
+                    hidden = self._recur(hidden, corr, flow, ckpt)
+                    with torch.no_grad():
+                        delta = self.refine_net.flow_head(hidden)
             offsets = offsets + delta.view_as(offsets)
         positions = offsets_to_positions(offsets)
         if self.official_compat:

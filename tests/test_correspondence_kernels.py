@@ -97,11 +97,12 @@ def _same_grads(a: dict, b: dict) -> list[str]:
     return [n for n in a if (a[n] is None) != (b[n] is None) or (a[n] is not None and not torch.equal(a[n], b[n]))]
 
 
-@pytest.mark.parametrize("gru_grad_iters", [None, 1])
-def test_checkpointed_training_gives_the_same_loss_and_gradients(gru_grad_iters):
+@pytest.mark.parametrize("gru_grad_iters,gru_motion_grad", [(None, "last"), (None, "all"), (1, "last")])
+def test_checkpointed_training_gives_the_same_loss_and_gradients(gru_grad_iters, gru_motion_grad):
     """Tolerance: bit-identical. The recomputation repeats the same float32 operations on the same
     inputs (the search, the only part with discrete choices, is never recomputed)."""
-    config = lambda mode: tiny_config((64, 64), checkpointing=mode, gru_grad_iters=gru_grad_iters)  # noqa: E731
+    config = lambda mode: tiny_config((64, 64), checkpointing=mode, gru_grad_iters=gru_grad_iters,  # noqa: E731
+                                      gru_motion_grad=gru_motion_grad)
     loss_plain, grads_plain = _loss_and_grads(config("none"))
     loss_ckpt, grads_ckpt = _loss_and_grads(config("full"))
     assert torch.equal(loss_plain, loss_ckpt)
@@ -121,10 +122,10 @@ def test_truncated_gru_gradient_is_the_last_iteration_with_its_hidden_state_deta
         def hook(module, args):
             calls.append(None)
             if len(calls) % iters == 0:  # the last of a level's updates
-                hidden, *rest = args
-                return (hidden.detach(), *rest)
+                hidden, motion = args
+                return hidden.detach(), motion
 
-        net.corr.patch_match.refine_net.register_forward_pre_hook(hook)
+        net.corr.patch_match.refine_net.gru.register_forward_pre_hook(hook)
 
     full = tiny_config((64, 64), checkpointing="none", gru_grad_iters=None)
     loss_cut, grads_cut = _loss_and_grads(full, detach_before_last_update)
@@ -145,6 +146,36 @@ def test_truncated_gru_gradient_is_the_last_iteration_with_its_hidden_state_deta
                        grads_full) == []
     with pytest.raises(ValueError, match="gru_grad_iters"):
         tiny_config((64, 64), gru_grad_iters=-1)
+
+
+def test_motion_encoder_trained_at_the_last_update_is_full_backprop_with_earlier_motion_detached():
+    """gru_motion_grad="last" gives what full backpropagation through time ("all") gives when the motion
+    features of each level's earlier updates are cut from the encoder: the same loss, the same gradients
+    for everything (the GRU's recurrence still through every iteration). Tolerance: bit-identical (the
+    same operations run; the encoder's earlier calls only skip recording a graph)."""
+    iters = tiny_config((64, 64)).patchmatch_iters
+
+    def detach_earlier_motion(net):
+        calls = []
+
+        def hook(module, args, motion):
+            calls.append(None)
+            return motion if len(calls) % iters == 0 else motion.detach()
+
+        net.corr.patch_match.refine_net.encoder.register_forward_hook(hook)
+
+    config = lambda motion_grad: tiny_config((64, 64), checkpointing="none", gru_motion_grad=motion_grad)  # noqa: E731
+    loss_all, grads_all = _loss_and_grads(config("all"))
+    loss_cut, grads_cut = _loss_and_grads(config("all"), detach_earlier_motion)
+    loss_last, grads_last = _loss_and_grads(config("last"))
+    assert torch.equal(loss_last, loss_all) and torch.equal(loss_cut, loss_all)
+    assert _same_grads(grads_last, grads_cut) == []
+    encoder = [n for n in grads_last if ".refine_net.encoder." in n]
+    recurrence = [n for n in grads_last if ".refine_net.gru." in n or ".initial_layer." in n]
+    assert all(grads_last[n].abs().sum() > 0 for n in encoder + recurrence)
+    assert all(not torch.equal(grads_last[n], grads_all[n]) for n in encoder)  # the encoder's earlier calls are cut
+    with pytest.raises(ValueError, match="gru_motion_grad"):
+        tiny_config((64, 64), gru_motion_grad="first")
 
 
 def test_final_read_in_pixel_chunks_gives_the_same_loss_and_gradients(monkeypatch):
