@@ -186,12 +186,19 @@ def build(size: int, nef: int, mode: str, impl: str) -> Correspondence:
     return corr.train()
 
 
-def make_inputs(size: int, label_nc: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blocky one-hot label maps (the exemplar's is shifted) and a smooth exemplar photo."""
+def make_inputs(size: int, label_nc: int = 20, channels_last_maps: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocky one-hot label maps (the exemplar's is shifted) and a smooth exemplar photo.
+
+    The maps are NCHW-contiguous, as the data loader gives them; ``channels_last_maps`` leaves them as
+    ``F.one_hot(...).permute(0, 3, 1, 2)`` makes them (on CPU, oneDNN's weight gradients run ~4.5x slower
+    on convolutions that inherit that layout)."""
     g = torch.Generator().manual_seed(1)
     coarse = torch.randint(0, label_nc, (1, 1, size // 16, size // 16), generator=g).float()
     labels = F.interpolate(coarse, size=(size, size), mode="nearest").long()[:, 0]
     input_map = F.one_hot(labels, label_nc).permute(0, 3, 1, 2).float()
+    if not channels_last_maps:
+        input_map = input_map.contiguous()
     exemplar_map = torch.roll(input_map, shifts=(size // 32, size // 16), dims=(2, 3))
     photo = torch.rand(1, 3, size // 8, size // 8, generator=g) * 2 - 1
     exemplar = F.interpolate(photo, size=(size, size), mode="bilinear", align_corners=False)

@@ -15,7 +15,8 @@ What runs (batch 1, CPU, ``torch.set_num_threads(--threads)``, nef 32, 20 label 
   ``net.correspondence(input_map, exemplar, exemplar_map)`` -- the default mode, with ``auto``
   checkpointing.
 
-Both get the same inputs (blocky one-hot maps, a smooth exemplar) and the loss
+Both get the same inputs (blocky one-hot maps, NCHW-contiguous unless ``--channels-last-maps``, and a
+smooth exemplar) and the loss
 ``sum(w.mean() for w in warps)``. Each process runs ``--repeats`` forward+backward passes and reports
 their wall and CPU times and its peak RSS (``ru_maxrss``, the whole process: interpreter, weights,
 inputs and the passes), which is what an out-of-memory killer sees. Ratios are official / ours.
@@ -84,7 +85,7 @@ def run_child(spec: dict) -> dict:
     size = spec["size"]
     net, step = (official_net(Path(spec["official"]), spec["featpair"]) if spec["impl"] == "official"
                  else our_net(size, spec["options"]))
-    inputs = make_inputs(size)
+    inputs = make_inputs(size, channels_last_maps=spec["channels_last_maps"])
     setup_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, cpu = [], []
     for _ in range(spec["repeats"]):
@@ -118,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--official-featpair", action="store_true",
                         help="official isTrain: also its third adaptor pass and feature-pair loss")
     parser.add_argument("--ours-only", action="store_true", help="skip the official runs (e.g. at 1024)")
+    parser.add_argument("--channels-last-maps", action="store_true",
+                        help="feed both the one-hot maps as F.one_hot(...).permute(0, 3, 1, 2) leaves them")
     parser.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
                         help="a ModelConfig field for ours (a JSON value), e.g. gru_grad_iters=1; repeatable")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -134,9 +137,9 @@ def main(argv=None) -> None:
             parser.error(f"--option {item!r}: expected FIELD=VALUE")
         options[field] = json.loads(value)
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1, nef 32, {args.repeats} passes per process"
-          + (f"; ours with {options}" if options else ""))
+          + (f"; ours with {options}" if options else "") + ("; channels-last maps" if args.channels_last_maps else ""))
     base = {"threads": args.threads, "repeats": args.repeats, "official": str(args.official),
-            "featpair": args.official_featpair, "options": options}
+            "featpair": args.official_featpair, "options": options, "channels_last_maps": args.channels_last_maps}
     for size in args.sizes:
         ours = spawn(dict(base, impl="ours", size=size)) if args.ours_only else None
         if not args.ours_only:

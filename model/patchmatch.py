@@ -212,14 +212,20 @@ class PatchMatchGRU(nn.Module):
     def _initial_hidden(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         return self.initial_layer(torch.cat([left, right], dim=1))
 
-    def _recur(self, hidden, corr, flow, checkpointed: bool) -> torch.Tensor:
-        """An update before the last: the new hidden state alone (its offset delta reaches no loss)."""
+    def _update(self, hidden, corr, flow, checkpointed: bool, last: bool):
+        """One GRU update -> (new hidden state, offset delta (B, 2K, h, w)).
+
+        Its three parts are checkpointed one by one, so a recomputation holds one part's activations
+        at a time (at 512x512 the whole block's are ~1 GiB). Only the last update's delta reaches a loss;
+        the motion features of the others carry gradient only with ``motion_grad="all"``.
+        """
         block = self.refine_net
-        if self.motion_grad == "all":
-            return maybe_checkpoint(checkpointed, block.recur, hidden, corr, flow)
-        with torch.no_grad():
-            motion = block.encoder(flow, corr)
-        return maybe_checkpoint(checkpointed, block.gru, hidden, motion)
+        part = lambda fn, *args: maybe_checkpoint(checkpointed and torch.is_grad_enabled(), fn, *args)  # noqa: E731
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (last or self.motion_grad == "all")):
+            motion = part(block.encoder, flow, corr)
+        hidden = part(block.gru, hidden, motion)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and last):
+            return hidden, part(block.flow_head, hidden)
 
     def _continuous_read(self, left_rows, right_rows, image_rows, positions, checkpointed: bool):
         """Score and warp at continuous positions: each candidate's feature and colour are bilinear
@@ -259,9 +265,8 @@ class PatchMatchGRU(nn.Module):
         exemplar: (B, V, h, w) image to warp (its colours, possibly followed by other channels),
         offsets: (B, 2, K, h, w) initial candidates.
 
-        ``checkpointed``: keep only each iteration's inputs (hidden state, candidates and their
-        probabilities) for the backward pass and recompute the GRU update there; the same for the
-        initial layer and the final continuous read. The search itself runs without a graph, so it
+        ``checkpointed``: keep only the inputs of each GRU update's parts for the backward pass and
+        recompute the parts there; the same for the initial layer and the final continuous read. The search itself runs without a graph, so it
         is never recomputed.
         """
         b, c, h, w = left.shape
@@ -282,13 +287,7 @@ class PatchMatchGRU(nn.Module):
             offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first)
             flow = offsets.flatten(1, 2)
             with torch.set_grad_enabled(grad and it >= first_tracked):
-                ckpt = checkpointed and torch.is_grad_enabled()
-                if it == self.iters - 1:
-                    hidden, delta = maybe_checkpoint(ckpt, self.refine_net, hidden, corr, flow)
-                else:
-                    hidden = self._recur(hidden, corr, flow, ckpt)
-                    with torch.no_grad():
-                        delta = self.refine_net.flow_head(hidden)
+                hidden, delta = self._update(hidden, corr, flow, checkpointed, last=it == self.iters - 1)
             offsets = offsets + delta.view_as(offsets)
         positions = offsets_to_positions(offsets)
         if self.official_compat:

@@ -94,10 +94,6 @@ class UpdateBlock(nn.Module):
         self.gru = SepConvGRU(hidden_dim, motion_dim)
         self.flow_head = FlowHead(hidden_dim, 2 * hidden_dim, num_candidates)
 
-    def recur(self, hidden, corr, flow):
-        """The new hidden state alone."""
-        return self.gru(hidden, self.encoder(flow, corr))
-
     def forward(self, hidden, corr, flow):
-        hidden = self.recur(hidden, corr, flow)
+        hidden = self.gru(hidden, self.encoder(flow, corr))
         return hidden, self.flow_head(hidden)
