@@ -47,14 +47,14 @@ class ModelConfig:
     # Not official (the official GRU gets no gradient at all): through how many of its last PatchMatch
     # iterations the GRU is trained. None = all: backpropagation through every iteration's hidden state, which
     # also trains the GRU's initial layer. n = the last n, the earlier iterations run without a graph (1: the
-    # last update, the only one the final candidates depend on differentiably); 0 = none. At 512 px, 1 costs
-    # 0.80x the correspondence's training time and 0.66 GiB less, but learned worse warps in short runs
-    # (benchmarks/README.md, "Side by side with the official code"). v2 only.
+    # last update, the only one the final candidates depend on differentiably); 0 = none. At 512 px, 1 cost
+    # 0.80x the correspondence's training time of full backpropagation and 0.66 GiB less, but learned worse warps
+    # in short runs (benchmarks/README.md, "Side by side with the official code"). v2 only.
     gru_grad_iters: int | None = None
     # Not official: which of those iterations train the GRU's motion encoder. "last": the last update only; the
-    # earlier ones train its recurrence alone, their motion features entering it as constants (at 512 px 0.8x the
-    # correspondence's training time of "all", and no worse warps in two seeds: benchmarks/README.md). "all": every
-    # one, full backpropagation through time. v2 only.
+    # earlier ones train its recurrence alone, their motion features entering it as constants (at 512 px 0.87x the
+    # correspondence's training time with "all", and no worse warps in two seeds: benchmarks/README.md). "all":
+    # every one, full backpropagation through time. v2 only.
     gru_motion_grad: MotionGrad = "last"
     search_window: int = 4  # per side; candidates = search_window ** 2
     search_dilation: int = 2

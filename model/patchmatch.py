@@ -266,8 +266,8 @@ class PatchMatchGRU(nn.Module):
         offsets: (B, 2, K, h, w) initial candidates.
 
         ``checkpointed``: keep only the inputs of each GRU update's parts for the backward pass and
-        recompute the parts there; the same for the initial layer and the final continuous read. The search itself runs without a graph, so it
-        is never recomputed.
+        recompute the parts there; the same for the initial layer and the final continuous read. The
+        search itself runs without a graph, so it is never recomputed.
         """
         b, c, h, w = left.shape
         left, right, exemplar = left.float(), right.float(), exemplar.float()
