@@ -11,6 +11,7 @@ import model.gather as gather
 import model.patchmatch as patchmatch
 from model import CoCosNet, ModelConfig
 from model.correspondence import global_attention, matching_features
+from model.patchmatch import candidate_index, offsets_to_positions, positions_to_index, propagate
 from model.update import SepConvGRU
 
 from .test_model import inputs, tiny_config, warp_loss
@@ -37,6 +38,27 @@ def test_gather_gradients_are_exact():
     left, weight, table, index = _table_case(rows=11, table_rows=7, k=4, c=3)
     assert torch.autograd.gradcheck(lambda a, t: gather.gather_dot(a, t, index), (left, table))
     assert torch.autograd.gradcheck(lambda w, t: gather.gather_mix(w, t, index), (weight, table))
+
+
+@pytest.mark.parametrize("horizontal", [True, False])
+def test_propagation_gives_each_pixel_its_neighbours_candidates(horizontal):
+    offsets = torch.randn(2, 2, 3, 5, 7)
+    dim = -1 if horizontal else -2
+    zeros = torch.zeros_like(offsets.narrow(dim, 0, 1))
+    prev = torch.cat([zeros, offsets.narrow(dim, 0, offsets.shape[dim] - 1)], dim)  # the left / upper neighbour's
+    nxt = torch.cat([offsets.narrow(dim, 1, offsets.shape[dim] - 1), zeros], dim)
+    assert torch.equal(propagate(offsets, horizontal), torch.cat([prev, offsets, nxt], dim=2))
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+@pytest.mark.parametrize("shape", [(2, 48, 64, 64), (1, 16, 96, 128), (1, 1, 4096, 4096)])  # the last: h*w = 2**24
+def test_in_place_candidate_index_equals_the_reference(shape, truncate):
+    b, m, h, w = shape
+    offsets = torch.randn(b, 2, m, h, w, generator=torch.Generator().manual_seed(0)) * 40
+    offsets[:, :, : m // 2] = offsets[:, :, : m // 2].round()  # integer candidates, as the search holds, and others
+    expected = positions_to_index(offsets_to_positions(offsets), truncate).flatten(2).transpose(1, 2)
+    index = candidate_index(offsets.clone(), truncate)
+    assert index.is_contiguous() and torch.equal(index, expected)
 
 
 def test_split_weight_gru_equals_the_official_concatenating_gru():
