@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 WarpUpsample = Literal["nearest", "bilinear", "patch"]
 GeneratorInput = Literal["warp_mask", "warp"]
@@ -102,8 +102,8 @@ class ModelConfig:
             raise ValueError(f"patchmatch_iters must be >= 1, got {self.patchmatch_iters}")
         if self.gru_grad_iters is not None and self.gru_grad_iters < 0:
             raise ValueError(f"gru_grad_iters must be None (all iterations) or >= 0, got {self.gru_grad_iters}")
-        if self.gru_motion_grad not in ("last", "all"):
-            raise ValueError(f"gru_motion_grad must be 'last' or 'all', got {self.gru_motion_grad!r}")
+        if self.gru_motion_grad not in get_args(MotionGrad):
+            raise ValueError(f"gru_motion_grad must be one of {get_args(MotionGrad)}, got {self.gru_motion_grad!r}")
         if self.match_kernel < 1 or self.match_kernel % 2 == 0:
             raise ValueError(f"match_kernel must be odd and >= 1, got {self.match_kernel}")
         if self.warp_upsample not in ("nearest", "bilinear", "patch"):

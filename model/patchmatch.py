@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import MotionGrad
 from .gather import gather_dot, gather_mix
 from .layers import maybe_checkpoint
 from .update import UpdateBlock
@@ -203,10 +205,10 @@ class PatchMatchGRU(nn.Module):
 
     def __init__(self, feat_ch: int, num_candidates: int = 16, iters: int = 5, temperature: float = 0.01,
                  official_compat: bool = False, hidden_dim: int = 32, grad_iters: int | None = None,
-                 motion_grad: str = "last"):
+                 motion_grad: MotionGrad = "last"):
         super().__init__()
-        if motion_grad not in ("last", "all"):
-            raise ValueError(f"motion_grad must be 'last' or 'all', got {motion_grad!r}")
+        if motion_grad not in get_args(MotionGrad):
+            raise ValueError(f"motion_grad must be one of {get_args(MotionGrad)}, got {motion_grad!r}")
         self.num_candidates = num_candidates
         self.iters = iters
         self.grad_iters = iters if grad_iters is None else min(grad_iters, iters)
