@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from model import CoCosNet, ModelConfig
 from model.correspondence import global_attention, matching_features
+from model.layers import positional_norm
 from model.patchmatch import PatchMatchGRU, pixel_grid, seed_from_coarse
 
 LABEL_NC = 6
@@ -189,6 +190,15 @@ def _identity_search(official_compat: bool) -> float:
     with torch.no_grad():
         res = pm(feats, feats, torch.rand(b, 3, h, w), seed)
     return res.best.round().eq(pixel_grid(h, w)).all(1).float().mean().item()
+
+
+def test_positional_norm_gradient_is_exact():
+    """The closed-form backward against finite differences (float64), and the forward against the
+    official elementwise form (unbiased variance)."""
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64) * 3 + 1
+    mean, var = x.mean(1, keepdim=True), x.var(1, keepdim=True)
+    assert torch.allclose(positional_norm(x, 1e-8), (x - mean) / (var + 1e-8).sqrt())
+    assert torch.autograd.gradcheck(lambda t: positional_norm(t, 1e-5), (x.requires_grad_(),))
 
 
 @pytest.mark.parametrize("official_compat", [False, True])
