@@ -22,6 +22,7 @@ their wall and CPU times and its peak RSS (``ru_maxrss``, the whole process: int
 inputs and the passes), which is what an out-of-memory killer sees. Ratios are official / ours.
 
     python -m benchmarks.vs_official --official ~/src/CoCosNet-v2                 # 512: ~15 min, ~18 GiB
+    python -m benchmarks.vs_official --official ~/src/CoCosNet-v2 --rounds 3      # interleaved, drift-robust
     python -m benchmarks.vs_official --official ~/src/CoCosNet-v2 --ours-only --sizes 1024
     python -m benchmarks.vs_official --official ~/src/CoCosNet-v2 --option gru_grad_iters=1   # truncated GRU gradient
 """
@@ -115,6 +116,10 @@ def main(argv=None) -> None:
     parser.add_argument("--official", type=Path, help="a checkout of microsoft/CoCosNet-v2")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512])
     parser.add_argument("--repeats", type=int, default=3, help="forward+backward passes per process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="official, ours, official, ours, ...: this many pairs of processes per size; the "
+                             "ratios are taken pair by pair, so a machine whose speed drifts over minutes "
+                             "shows in their spread instead of biasing one side")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--official-featpair", action="store_true",
                         help="official isTrain: also its third adaptor pass and feature-pair loss")
@@ -141,18 +146,34 @@ def main(argv=None) -> None:
     base = {"threads": args.threads, "repeats": args.repeats, "official": str(args.official),
             "featpair": args.official_featpair, "options": options, "channels_last_maps": args.channels_last_maps}
     for size in args.sizes:
-        ours = spawn(dict(base, impl="ours", size=size)) if args.ours_only else None
-        if not args.ours_only:
+        if args.ours_only:
+            for _ in range(args.rounds):
+                print(describe("ours", size, spawn(dict(base, impl="ours", size=size))), flush=True)
+            continue
+        ratios = []
+        for _ in range(args.rounds):
             official = spawn(dict(base, impl="official", size=size))
             print(describe("official", size, official), flush=True)
             ours = spawn(dict(base, impl="ours", size=size))
-        print(describe("ours", size, ours), flush=True)
-        if not args.ours_only:
-            print(f"  official / ours: time {official['time_s'] / ours['time_s']:.2f}x, "
-                  f"CPU {official['cpu_median_s'] / ours['cpu_median_s']:.2f}x, "
-                  f"peak RSS {official['peak_rss_mib'] / ours['peak_rss_mib']:.2f}x "
-                  f"(ours at {ours['peak_rss_mib'] / official['peak_rss_mib']:.3f} of the official's)", flush=True)
+            print(describe("ours", size, ours), flush=True)
+            ratios.append(pair_ratios(official, ours))
+            print("  official / ours: " + format_ratios(ratios[-1]), flush=True)
+        if args.rounds > 1:
+            median = {key: statistics.median(r[key] for r in ratios) for key in ratios[0]}
+            spread = {key: (min(r[key] for r in ratios), max(r[key] for r in ratios)) for key in ratios[0]}
+            print(f"{size}, median of {args.rounds} rounds, official / ours: " + format_ratios(median)
+                  + "; range " + ", ".join(f"{key} {lo:.2f}-{hi:.2f}" for key, (lo, hi) in spread.items()), flush=True)
 
+
+def pair_ratios(official: dict, ours: dict) -> dict:
+    """official / ours for one pair of processes (peak: ours / official, the share of the official's)."""
+    return {"time": official["time_s"] / ours["time_s"], "CPU": official["cpu_median_s"] / ours["cpu_median_s"],
+            "peak share": ours["peak_rss_mib"] / official["peak_rss_mib"]}
+
+
+def format_ratios(r: dict) -> str:
+    return (f"time {r['time']:.2f}x, CPU {r['CPU']:.2f}x, peak RSS {1 / r['peak share']:.2f}x "
+            f"(ours at {r['peak share']:.3f} of the official's)")
 
 if __name__ == "__main__":
     main()
