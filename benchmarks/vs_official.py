@@ -175,5 +175,6 @@ def format_ratios(r: dict) -> str:
     return (f"time {r['time']:.2f}x, CPU {r['CPU']:.2f}x, peak RSS {1 / r['peak share']:.2f}x "
             f"(ours at {r['peak share']:.3f} of the official's)")
 
+
 if __name__ == "__main__":
     main()
