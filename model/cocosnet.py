@@ -25,11 +25,12 @@ class CoCosNetOutput:
     matching: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # v2: per level (query, key) unit features
 
 
-def _standard_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the default (NCHW-contiguous) layout. A one-hot map made as ``F.one_hot(ids).permute(0, 3, 1, 2)``
-    is channels-last, every convolution downstream keeps that layout, and on CPU oneDNN's weight-gradient kernel
-    runs ~4.5x slower on it (SPADE's 128 -> 64 convolution at 256x256: 300 ms against 67 ms)."""
-    return x.contiguous()
+def activation_layout(setting: str, device: torch.device) -> torch.memory_format:
+    """The memory format of ``ModelConfig.memory_format`` on ``device`` ("auto": channels-last on AVX-512 CPUs)."""
+    if setting == "auto":
+        avx512 = device.type == "cpu" and "AVX512" in torch.backends.cpu.get_cpu_capability()
+        setting = "channels_last" if avx512 else "contiguous"
+    return torch.channels_last if setting == "channels_last" else torch.contiguous_format
 
 
 class CoCosNet(nn.Module):
@@ -52,12 +53,12 @@ class CoCosNet(nn.Module):
     def correspondence(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
                        target: torch.Tensor | None = None):
         self._check_inputs(input_map, exemplar, exemplar_map)
-        input_map, exemplar, exemplar_map = map(_standard_layout, (input_map, exemplar, exemplar_map))
-        return self.corr(input_map, exemplar, exemplar_map, None if target is None else _standard_layout(target))
+        input_map, exemplar, exemplar_map = map(self._layout, (input_map, exemplar, exemplar_map))
+        return self.corr(input_map, exemplar, exemplar_map, None if target is None else self._layout(target))
 
     def generate(self, input_map: torch.Tensor, warped: list[torch.Tensor]) -> torch.Tensor:
         checkpointed = torch.is_grad_enabled() and self.cfg.checkpoint_levels(self.training)[1]
-        return self.generator(_standard_layout(input_map), warped, checkpointed)
+        return self.generator(self._layout(input_map), warped, checkpointed)
 
     def forward(self, input_map: torch.Tensor, exemplar: torch.Tensor, exemplar_map: torch.Tensor,
                 target: torch.Tensor | None = None) -> CoCosNetOutput:
@@ -67,6 +68,11 @@ class CoCosNet(nn.Module):
         image = self.generate(input_map, corr.warped)
         return CoCosNetOutput(image, corr.warped, corr.matches, corr.cycle, corr.candidates, corr.domain_features,
                               getattr(corr, "warp_mask", None), getattr(corr, "matching", None))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the activations' layout: every convolution downstream keeps its input's. (A one-hot map made
+        as ``F.one_hot(ids).permute(0, 3, 1, 2)`` is channels-last whatever the setting.)"""
+        return x.contiguous(memory_format=activation_layout(self.cfg.memory_format, x.device))
 
     def _check_inputs(self, input_map, exemplar, exemplar_map) -> None:
         h, w = self.cfg.image_size

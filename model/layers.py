@@ -37,6 +37,12 @@ def leaky_relu(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, 0.2)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if ``x`` (B, C, H, W) is laid out so (and not also NCHW-contiguous), else contiguous_format."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def positional_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """PONO: normalise each position over channels (unbiased variance, as the official code).
     (B, C, H, W) -> (B, C, H, W)."""
@@ -55,7 +61,8 @@ class _PositionalNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
         std = x.var(dim=1, keepdim=True).add(eps).sqrt()
-        y = (x - x.mean(dim=1, keepdim=True)) / std
+        # into a tensor of x's layout: a broadcast (B, 1, H, W) operand would make the result NCHW
+        y = torch.sub(x, x.mean(dim=1, keepdim=True), out=torch.empty_like(x)).div_(std)
         ctx.save_for_backward(y, std)
         return y
 
@@ -65,7 +72,7 @@ class _PositionalNorm(torch.autograd.Function):
         # d/dx of (x - m) / s with s^2 = sum((x - m)^2) / (C - 1) + eps:
         # (g - mean_C(g) - y * sum_C(g * y) / (C - 1)) / s
         y, std = ctx.saved_tensors
-        grad_x = grad - grad.mean(dim=1, keepdim=True)
+        grad_x = torch.sub(grad, grad.mean(dim=1, keepdim=True), out=torch.empty_like(y))
         grad_x.addcmul_(y, (grad * y).sum(dim=1, keepdim=True), value=-1.0 / (y.shape[1] - 1))
         return grad_x.div_(std), None
 
@@ -73,6 +80,24 @@ class _PositionalNorm(torch.autograd.Function):
 def channel_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Unit L2 norm over channels at every position. (B, C, H, W) -> (B, C, H, W)."""
     return x / (torch.norm(x, 2, 1, keepdim=True) + eps)
+
+
+class InstanceNorm(nn.InstanceNorm2d):
+    """Affine-free instance norm that keeps its input's layout.
+
+    ``F.instance_norm`` normalises in NCHW (a channels-last input is copied), and its CPU backward pass computes
+    wrong gradients when the incoming gradient is channels-last (torch 2.13), so the gradient is made NCHW
+    before it. (``F.group_norm`` keeps the layout, but its statistics round differently from the official code's.)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = memory_format_of(x)
+        if layout == torch.contiguous_format:
+            return F.instance_norm(x, eps=self.eps)
+        y = F.instance_norm(x.contiguous(), eps=self.eps)
+        if y.requires_grad:
+            y.register_hook(lambda grad: grad.contiguous())
+        return y.contiguous(memory_format=layout)
 
 
 class SpectralInstanceConv(nn.Sequential):
@@ -84,7 +109,7 @@ class SpectralInstanceConv(nn.Sequential):
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0):
         conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False)
-        super().__init__(spectral_norm(conv), nn.InstanceNorm2d(out_ch, affine=False))
+        super().__init__(spectral_norm(conv), InstanceNorm(out_ch))
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``weight``: the convolution's ``spectral_weight``, when computed beforehand."""
@@ -105,11 +130,11 @@ class ResidualBlock(nn.Module):
         self.model = nn.Sequential(
             nn.ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3),
-            nn.InstanceNorm2d(channels),
+            InstanceNorm(channels),
             self.relu,
             nn.ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3),
-            nn.InstanceNorm2d(channels),
+            InstanceNorm(channels),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +152,7 @@ class SPADE(nn.Module):
                  pono_eps: float = 1e-8):
         super().__init__()
         self.norm = (functools.partial(positional_norm, eps=pono_eps) if pono
-                     else nn.InstanceNorm2d(channels, affine=False))
+                     else InstanceNorm(channels))
         self.mlp_shared = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(cond_channels, hidden, 3), nn.ReLU())
         self.pad = nn.ReflectionPad2d(1)
         self.mlp_gamma = nn.Conv2d(hidden, channels, 3)

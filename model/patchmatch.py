@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .config import MotionGrad
 from .gather import gather_dot, gather_mix
-from .layers import maybe_checkpoint
+from .layers import InstanceNorm, maybe_checkpoint, memory_format_of
 from .update import UpdateBlock
 
 # Pixels per chunk of the final continuous read (see PatchMatchGRU._continuous_read): 8 chunks at 512x512.
@@ -215,7 +215,7 @@ class PatchMatchGRU(nn.Module):
         self.motion_grad = motion_grad
         self.temperature = temperature
         self.official_compat = official_compat
-        norm, relu = nn.InstanceNorm2d(hidden_dim, affine=False), nn.ReLU(inplace=True)
+        norm, relu = InstanceNorm(hidden_dim), nn.ReLU(inplace=True)
         self.initial_layer = nn.Sequential(
             nn.Conv2d(2 * feat_ch, hidden_dim, 3, padding=1), norm, relu,
             nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1), norm, relu,
@@ -225,23 +225,24 @@ class PatchMatchGRU(nn.Module):
         self.initial_layer.requires_grad_(self.grad_iters == iters)
         self.refine_net.requires_grad_(self.grad_iters > 0)
 
-    def _evaluate(self, left, right, offsets):
+    def _evaluate(self, left, right, offsets, layout: torch.memory_format):
         """Score all candidates and keep the top K.
 
-        left, right: (B, N, C); offsets (B, 2, M, h, w) -> offsets (B, 2, K, h, w), probs (B, K, h, w).
+        left, right: (B, N, C); offsets (B, 2, M, h, w) -> offsets (B, 2, K, h, w), probs (B, K, h, w) in ``layout``
+        (the GRU's convolutions keep their input's).
         """
         b, _, m, h, w = offsets.shape
         index = candidate_index(offsets, truncate=self.official_compat)  # (B, N, M); overwrites the offsets
         prob = F.softmax(candidate_dots(left, right, index) / self.temperature, dim=-1)
         top_prob, top = torch.topk(prob, self.num_candidates, dim=-1)
         kept = torch.gather(index, -1, top).transpose(1, 2).reshape(b, -1, h, w)
-        # contiguous: the reshape is a channels-last view, a layout the GRU's convolutions would keep
-        return index_to_offsets(kept), top_prob.transpose(1, 2).reshape(b, -1, h, w).contiguous()
+        prob = top_prob.view(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last strides, also at B = 1
+        return index_to_offsets(kept), prob.contiguous(memory_format=layout)
 
     @torch.no_grad()
-    def _search(self, left, right, offsets, horizontal_first: bool):
-        offsets, _ = self._evaluate(left, right, propagate(offsets, horizontal_first))
-        return self._evaluate(left, right, propagate(offsets, not horizontal_first))
+    def _search(self, left, right, offsets, horizontal_first: bool, layout: torch.memory_format):
+        offsets, _ = self._evaluate(left, right, propagate(offsets, horizontal_first), layout)
+        return self._evaluate(left, right, propagate(offsets, not horizontal_first), layout)
 
     def _initial_hidden(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         return self.initial_layer(torch.cat([left, right], dim=1))
@@ -304,6 +305,7 @@ class PatchMatchGRU(nn.Module):
         search itself runs without a graph, so it is never recomputed.
         """
         b, c, h, w = left.shape
+        layout = memory_format_of(left)
         left, right, exemplar = left.float(), right.float(), exemplar.float()
         # Rows must be contiguous: every candidate gather and dot product walks them.
         left_rows = left.flatten(2).transpose(1, 2).contiguous()
@@ -318,8 +320,8 @@ class PatchMatchGRU(nn.Module):
             hidden = maybe_checkpoint(checkpointed and torch.is_grad_enabled(), self._initial_hidden, left, right)
         for it in range(self.iters):
             horizontal_first = random.random() < 0.5 if self.official_compat else it % 2 == 0
-            offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first)
-            flow = offsets.flatten(1, 2)
+            offsets, corr = self._search(left_rows, right_rows, offsets, horizontal_first, layout)
+            flow = offsets.flatten(1, 2).contiguous(memory_format=layout)
             with torch.set_grad_enabled(grad and it >= first_tracked):
                 hidden, delta = self._update(hidden, corr, flow, checkpointed, last=it == self.iters - 1)
             offsets = offsets + delta.view_as(offsets)
