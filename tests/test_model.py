@@ -149,7 +149,8 @@ def test_every_convolution_runs_in_the_configured_layout(version, memory_format)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(F, "conv2d", recording_conv2d)  # torch.nn.Conv2d calls it through this same module
         out = net(x_a, y_b, y_a, target=x_b)
-    assert len(layouts) > 20 and all(layouts), f"{layouts.count(False)} of {len(layouts)} convolutions in another layout"
+    assert len(layouts) > 20, layouts
+    assert all(layouts), f"{layouts.count(False)} of {len(layouts)} convolutions ran in another layout"
     assert out.image.is_contiguous(memory_format=layout)
 
     # the other layout computes the same function and gradients, up to float rounding (compared as whole vectors:
