@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 
-from .layers import memory_format_of
+from .layers import in_layout_of
 
 
 class SelfAttention(nn.Module):
@@ -34,5 +34,5 @@ class SelfAttention(nn.Module):
         key = F.max_pool2d(self.phi(x), 2).flatten(2)  # (B, C/8, HW/4)
         value = F.max_pool2d(self.g(x), 2).flatten(2)  # (B, C/2, HW/4)
         attn = F.softmax(torch.bmm(query.transpose(1, 2), key), dim=-1)  # (B, HW, HW/4)
-        out = torch.bmm(value, attn.transpose(1, 2)).view(b, c // 2, h, w).contiguous(memory_format=memory_format_of(x))
+        out = in_layout_of(torch.bmm(value, attn.transpose(1, 2)).view(b, c // 2, h, w), x)
         return x + self.gamma * self.o(out)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import SPADEResBlock, leaky_relu, memory_format_of
+from .layers import SPADEResBlock, in_layout_of, leaky_relu
 
 WARP_RESIDUAL_CLAMP = 0.99
 
@@ -41,8 +41,7 @@ class SPADEGenerator(nn.Module):
         ``checkpointed``: recompute each block's SPADE branches in the backward pass (SPADEResBlock)."""
         resized = [F.interpolate(w, size=self.image_size, mode="nearest") if w.shape[-2:] != self.image_size
                    else w for w in warped]
-        # in input_map's layout (the warps come in either): the convolutions keep their input's
-        cond = torch.cat([*resized, input_map], dim=1).contiguous(memory_format=memory_format_of(input_map))
+        cond = in_layout_of(torch.cat([*resized, input_map], dim=1), input_map)  # the warps come in either layout
         x = self.fc(F.interpolate(cond, size=self.seed_size, mode="nearest"))
         x = self.head_0(x, cond, checkpointed)
         x = F.interpolate(x, scale_factor=2, mode="nearest")

@@ -43,6 +43,11 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s memory format (a copy only if it differs): convolutions keep their input's layout."""
+    return t.contiguous(memory_format=memory_format_of(like))
+
+
 def positional_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """PONO: normalise each position over channels (unbiased variance, as the official code).
     (B, C, H, W) -> (B, C, H, W)."""

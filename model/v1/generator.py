@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.attention import SelfAttention
-from model.layers import SPADEResBlock, leaky_relu, memory_format_of
+from model.layers import SPADEResBlock, in_layout_of, leaky_relu
 
 from .adaptor import PONO_EPS
 
@@ -41,7 +41,7 @@ class GeneratorV1(nn.Module):
         """input_map: (B, label_nc, H, W); warped: coarse -> fine, the last (B, 3, H, W) -> (B, 3, H, W).
         ``checkpointed``: recompute each block's SPADE branches in the backward pass (SPADEResBlock)."""
         cond = torch.cat([warped[-1], input_map], dim=1) if self.with_map else warped[-1]
-        cond = cond.contiguous(memory_format=memory_format_of(input_map))  # the convolutions keep their input's
+        cond = in_layout_of(cond, input_map)
         up = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")  # noqa: E731
         block = lambda module, x: module(x, cond, checkpointed)  # noqa: E731
         x = self.fc(F.interpolate(cond, size=self.seed_size, mode="nearest"))
