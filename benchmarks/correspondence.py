@@ -109,8 +109,9 @@ class LoopPatchMatchGRU(PatchMatchGRU):
             costs.append(torch.sum(left * selected, dim=1, keepdim=True) / self.temperature)
         return torch.cat(costs, dim=1).transpose(1, 2)
 
-    def _evaluate(self, left, table, offsets):
-        """left (B, C, N), table (C, B*N), offsets (B, 2, M, h, w) -> top-K offsets and probs."""
+    def _evaluate(self, left, table, offsets, layout: torch.memory_format):
+        """left (B, C, N), table (C, B*N), offsets (B, 2, M, h, w) -> top-K offsets and probs (NCHW, as the
+        official code; ``layout``, which ``_search`` passes on, is not used)."""
         b, _, m, h, w = offsets.shape
         index = positions_to_index(offsets_to_positions(offsets), truncate=True).flatten(2).transpose(1, 2)
         prob = F.softmax(self._costs(left, table, index), dim=-1)
@@ -126,7 +127,7 @@ class LoopPatchMatchGRU(PatchMatchGRU):
         table = right.reshape(b, c, n).transpose(0, 1).reshape(c, b * n)
         offsets = offsets.detach()
         for _ in range(self.iters):
-            offsets, corr = self._search(left_cn, table, offsets, random.random() < 0.5)
+            offsets, corr = self._search(left_cn, table, offsets, random.random() < 0.5, torch.contiguous_format)
             hidden, delta = self.refine_net(hidden, corr, offsets.flatten(1, 2))
             offsets = offsets + delta.view_as(offsets)
         with torch.no_grad():

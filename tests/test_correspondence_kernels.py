@@ -264,3 +264,12 @@ def test_scores_stay_float32_under_bf16_autocast():
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in out.warped)
     assert (out.warped[0] - full.warped[0]).abs().mean() < 0.05  # same attention, bf16 features
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_the_benchmark_baseline_still_matches_ours():
+    # benchmarks/correspondence.py's official-style baseline subclasses PatchMatchGRU: a change of the model's
+    # private search API must not break the benchmark unnoticed (its check runs before any timing).
+    from benchmarks.correspondence import check_equivalence
+
+    result = check_equivalence(size=64, nef=8)
+    assert result["size"] == 64 and not result["gru_grad"]
