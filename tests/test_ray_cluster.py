@@ -87,12 +87,9 @@ def wait_for(condition, what: str, stage: subprocess.Popen, timeout: float = TIM
 
 
 def first_checkpoint(run_root: Path) -> Path | None:
-    """The run's latest checkpoint once Ray Train has registered it (a checkpoint on disk that its controller has
-    not yet recorded in the run's snapshot is not one a restart resumes from)."""
+    """The run's latest checkpoint that Ray Train has registered (the one a restart resumes from), or None."""
     try:
-        checkpoint = find_checkpoint(next(p for p in run_root.iterdir() if p.is_dir()))
-        return checkpoint if checkpoint.name in (checkpoint.parent / "checkpoint_manager_snapshot.json").read_text() \
-            else None
+        return find_checkpoint(next(p for p in run_root.iterdir() if p.is_dir()))
     except (StopIteration, FileNotFoundError, ValueError):
         return None
 

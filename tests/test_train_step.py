@@ -15,8 +15,8 @@ from model.vgg import VGG19, load_vgg19
 from pipeline.data.config import DataConfig, ShardConfig
 from pipeline.data.loader import make_loader, to_model
 from pipeline.params import load_params
-from pipeline.train.checkpoint import (DataPosition, find_checkpoint, load_state, read_meta, restore_rank_state,
-                                       restore_training_state, save_rank_state, save_training_state)
+from pipeline.train.checkpoint import (RAY_SNAPSHOT_FILE, DataPosition, find_checkpoint, load_state, read_meta,
+                                       restore_rank_state, restore_training_state, save_rank_state, save_training_state)
 from pipeline.train.config import TrainConfig, configs_from_params
 from pipeline.train.launch import describe_failure
 from pipeline.train.loop import batch_stream, training_batch
@@ -255,6 +255,12 @@ def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path, batch):
     assert restore_rank_state(tmp_path, 1) is None  # a rank the checkpoint did not have
 
 
+def register_checkpoints(run_dir, *steps):
+    """Ray Train's snapshot of the checkpoints its controller has registered."""
+    names = [{"checkpoint_dir_name": f"checkpoint_{step:08d}"} for step in steps]
+    (run_dir / RAY_SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": names}))
+
+
 def test_find_checkpoint_skips_incomplete_ones(tmp_path):
     parts = tiny_parts()
     for step, complete in ((3, True), (6, True), (9, False)):
@@ -264,6 +270,7 @@ def test_find_checkpoint_skips_incomplete_ones(tmp_path):
         save_rank_state(folder, 0, DataPosition())
         if complete:
             save_rank_state(folder, 1, DataPosition())
+    register_checkpoints(tmp_path, 3, 6, 9)
     assert find_checkpoint(tmp_path).name == "checkpoint_00000006"
     assert find_checkpoint(tmp_path / "checkpoint_00000003").name == "checkpoint_00000003"
     with pytest.raises(ValueError, match="incomplete"):
@@ -274,6 +281,25 @@ def test_find_checkpoint_skips_incomplete_ones(tmp_path):
     error = RuntimeError("Worker failed\nNonFiniteLossError: loss term 'g/warp' is nan")
     message = describe_failure(error, str(tmp_path))
     assert "g/warp" in message and "checkpoint_00000006" in message
+
+
+def test_find_checkpoint_in_a_run_folder_takes_only_the_ones_ray_registered(tmp_path):
+    """A checkpoint Ray has copied but its controller not yet recorded (the run was stopped in between) is not the
+    one a continued run restores, and its files may be partial."""
+    parts = tiny_parts()
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint_{step:08d}"
+        folder.mkdir()
+        save_training_state(folder, parts, step, {"world_size": 1})
+        save_rank_state(folder, 0, DataPosition())
+    with pytest.raises(FileNotFoundError, match=f"named in its {RAY_SNAPSHOT_FILE}"):
+        find_checkpoint(tmp_path)  # stopped before the first registration
+    register_checkpoints(tmp_path, 2)
+    assert find_checkpoint(tmp_path).name == "checkpoint_00000002"
+    snapshot = tmp_path / RAY_SNAPSHOT_FILE
+    snapshot.write_text('{"checkpoint_results": [{"checkpoint_dir')  # cut off mid-write
+    with pytest.raises(ValueError, match=f"{snapshot} is not a Ray Train checkpoint snapshot"):
+        find_checkpoint(tmp_path)
 
 
 def test_training_batch_keeps_the_flow_of_shown_pseudo_exemplars_only(train_shards):

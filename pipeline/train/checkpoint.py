@@ -22,6 +22,7 @@ from pipeline.train.step import TrainParts, unwrap
 
 FORMAT = "cocosnet-train-checkpoint/1"
 STATE_FILE, META_FILE = "state.pt", "meta.json"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train's controller
 
 
 def rank_file(rank: int) -> str:
@@ -133,8 +134,20 @@ def is_complete(folder: Path) -> bool:
     return (folder / STATE_FILE).exists() and all((folder / rank_file(r)).exists() for r in range(ranks))
 
 
+def registered_checkpoints(run_dir: Path) -> set[str]:
+    """Names of the checkpoints that Ray Train's controller recorded in the run folder's snapshot: the ones a
+    continued run restores from. A checkpoint folder it does not name (yet) may still be mid-copy."""
+    snapshot = run_dir / RAY_SNAPSHOT_FILE
+    try:
+        return {result["checkpoint_dir_name"] for result in json.loads(snapshot.read_text())["checkpoint_results"]}
+    except FileNotFoundError:
+        return set()  # Ray writes it when the first checkpoint is registered
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"train.resume_from: {snapshot} is not a Ray Train checkpoint snapshot ({error!r})") from None
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the latest complete checkpoint inside a Ray run folder."""
+    """A checkpoint folder, or the latest complete checkpoint that Ray Train registered in a run folder."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"train.resume_from: {path} does not exist")
@@ -142,8 +155,9 @@ def find_checkpoint(path: str | Path) -> Path:
         if not is_complete(path):
             raise ValueError(f"train.resume_from: {path} is an incomplete checkpoint")
         return path
-    candidates = [p for p in path.glob("checkpoint_*") if p.is_dir() and is_complete(p)]
+    registered = registered_checkpoints(path)
+    candidates = [p for p in path.glob("checkpoint_*") if p.is_dir() and p.name in registered and is_complete(p)]
     if not candidates:
-        raise FileNotFoundError(f"train.resume_from: no complete checkpoint in {path} "
-                                f"(expected checkpoint_* folders holding {STATE_FILE} and {META_FILE})")
+        raise FileNotFoundError(f"train.resume_from: no complete checkpoint in {path} (expected checkpoint_* folders "
+                                f"holding {STATE_FILE} and {META_FILE}, named in its {RAY_SNAPSHOT_FILE})")
     return max(candidates, key=lambda p: (read_meta(p)["step"], p.name))
