@@ -49,7 +49,7 @@ def make_batch(size: int, batch: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def step_case(size: int, batch: int):
+def step_case(size: int, batch: int, memory_format: str = "auto"):
     from model import ModelConfig
     from model.losses import LossWeights
     from model.vgg import load_vgg19
@@ -59,17 +59,18 @@ def step_case(size: int, batch: int):
         warnings.simplefilter("ignore")  # the random-VGG warning: expected here
         vgg = load_vgg19("random", seed=0)
     torch.manual_seed(0)
-    parts = build_parts(ModelConfig(image_size=(size, size), label_nc=20), LossWeights(), vgg, lr=1e-4, ttur=True,
-                        g_adam_eps=1e-3, amp="none", device=torch.device("cpu"))
+    config = ModelConfig(image_size=(size, size), label_nc=20, memory_format=memory_format)
+    parts = build_parts(config, LossWeights(), vgg, lr=1e-4, ttur=True, g_adam_eps=1e-3, amp="none",
+                        device=torch.device("cpu"))
     data = make_batch(size, batch)
     return lambda: train_step(parts, data)
 
 
-def corr_case(size: int, batch: int):
+def corr_case(size: int, batch: int, memory_format: str = "auto"):
     from model import CoCosNet, ModelConfig
 
     torch.manual_seed(0)
-    net = CoCosNet(ModelConfig(image_size=(size, size), label_nc=20)).train()
+    net = CoCosNet(ModelConfig(image_size=(size, size), label_nc=20, memory_format=memory_format)).train()
     data = make_batch(size, batch)
 
     def run():
@@ -80,7 +81,7 @@ def corr_case(size: int, batch: int):
     return run
 
 
-def context_case(size: int, batch: int, whole: bool = False):
+def context_case(size: int, batch: int, memory_format: str = "auto", whole: bool = False):
     """The contextual loss alone (the official 8 CX(r52) + 4 CX(r42) + 2 CX(pooled r32)) at the VGG19 feature
     sizes of a size x size image, forward + backward; ``whole``: in one piece, as before it was chunked."""
     from model.losses import CONTEXTUAL_CHUNK_ELEMENTS, vgg_contextual_loss
@@ -94,12 +95,12 @@ def context_case(size: int, batch: int, whole: bool = False):
 
 
 CASES = {"step": step_case, "corr": corr_case, "context": context_case,
-         "context_whole": lambda size, batch: context_case(size, batch, whole=True)}
+         "context_whole": lambda size, batch, memory_format: context_case(size, batch, whole=True)}
 
 
 def run_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    run = CASES[spec["section"]](spec["size"], spec["batch"])
+    run = CASES[spec["section"]](spec["size"], spec["batch"], spec["memory_format"])
     setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, cpu = [], []
     for _ in range(spec["repeats"]):
@@ -124,19 +125,22 @@ def main(argv=None) -> None:
                         help="context: the contextual loss alone, chunked and in one piece (the baseline)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
+                        help="ModelConfig.memory_format (auto: channels_last on AVX-512 CPUs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
         return
     print(f"torch {torch.__version__}, {args.threads} threads, official widths, default mode (auto checkpointing), "
-          f"{args.repeats} passes per process; peak = whole-process peak RSS")
+          f"memory_format {args.memory_format}, {args.repeats} passes per process; peak = whole-process peak RSS")
     if set(args.sections) - {"context"}:
         print(f"{'size':>5} {'batch':>5} | {'step s':>7} {'CPU s':>7} {'peak GiB':>8} {'setup':>6} | {'corr s':>7} "
               f"{'CPU s':>7} {'peak GiB':>8} {'setup':>6} | load")
     for size in args.sizes:
         for batch in args.batch:
-            spec = {"size": size, "batch": batch, "repeats": args.repeats, "threads": args.threads}
+            spec = {"size": size, "batch": batch, "repeats": args.repeats, "threads": args.threads,
+                    "memory_format": args.memory_format}
             if "context" in args.sections:
                 chunked, whole = (spawn({**spec, "section": s}) for s in ("context", "context_whole"))
                 print(f"{size:>5} {batch:>5} | contextual loss, chunked: {chunked['cpu_s']:.1f} CPU s, peak "
