@@ -16,8 +16,9 @@ the image), time the median pass.
 
     python -m benchmarks.train_step                        # 256 and 512, batch 1: ~25 min on 2 cores
     python -m benchmarks.train_step --sizes 256 --batch 1 2 4
-    python -m benchmarks.train_step --sizes 1024 --repeats 1   # ~13 GiB, about an hour on 2 cores
+    python -m benchmarks.train_step --sizes 1024 --repeats 1   # the step peaks at ~21 GiB; about an hour on 2 cores
     python -m benchmarks.train_step --sizes 512 1024 --sections context --repeats 1   # the contextual loss alone
+    python -m benchmarks.train_step --sizes 512 --sections step --memory-format contiguous   # NCHW, not auto
 """
 from __future__ import annotations
 
