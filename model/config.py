@@ -10,7 +10,6 @@ GeneratorInput = Literal["warp_mask", "warp"]
 Checkpointing = Literal["auto", "none", "iterations", "full"]
 MotionGrad = Literal["last", "all"]
 MemoryFormat = Literal["auto", "contiguous", "channels_last"]
-CHECKPOINTING = ("auto", "none", "iterations", "full")
 # `auto` checkpoints in training from this image side up: below it the activations are small and
 # recomputing them would only cost time.
 AUTO_CHECKPOINT_MIN_SIDE = 256
@@ -102,8 +101,8 @@ class ModelConfig:
             raise ValueError(f"label_nc must be >= 1, got {self.label_nc}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.checkpointing not in CHECKPOINTING:
-            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
+        if self.checkpointing not in get_args(Checkpointing):
+            raise ValueError(f"checkpointing must be one of {get_args(Checkpointing)}, got {self.checkpointing!r}")
         if self.memory_format not in get_args(MemoryFormat):
             raise ValueError(f"memory_format must be one of {get_args(MemoryFormat)}, got {self.memory_format!r}")
         if self.patchmatch_iters < 1:

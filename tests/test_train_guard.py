@@ -1,6 +1,6 @@
 """The guards that keep a broken state out of checkpoints and exports (pipeline/train/guard.py), on the issue's
-probes: a loss weight of 1e38 (every gradient is finite, their global norm overflows), lr 1e30 (the next forward overflows inside PatchMatch),
-lr 1e6 (finite weights around 5e5: the loss diverges), and a NaN weight in a Ray run."""
+probes: a loss weight of 1e38 (every gradient is finite, their global norm overflows), lr 1e30 (the next forward
+overflows inside PatchMatch), lr 1e6 (finite weights around 5e5: the loss diverges), and a NaN weight in a Ray run."""
 from __future__ import annotations
 
 import shutil
