@@ -52,6 +52,7 @@ from pipeline import tracking, viz
 from pipeline.data.imageio import atomic_write_bytes, atomic_write_json
 from pipeline.data.loader import make_loader, to_model
 from pipeline.data.sources.synthetic import SyntheticSource, render
+from pipeline.mkl_vml import settle_vml_dispatch
 from pipeline.model_files import load_model
 from pipeline.params import from_mapping, section
 
@@ -249,6 +250,7 @@ def evaluate_model(net: CoCosNet, shards: str, cfg: EvalConfig, progress: bool =
     """Run `net` (and its untrained twin) over the split; see the module docstring for the metrics."""
     device = torch.device(cfg.device)
     net = net.to(device).eval()
+    settle_vml_dispatch()  # before the first forward pass of this process
     size, label_nc = net.cfg.image_size, net.cfg.label_nc
     loader = make_loader(shards, batch_size=cfg.batch_size, split=cfg.split, real_exemplar_prob=1.0, with_flow=True,
                          num_workers=cfg.loader_workers, seed=cfg.seed, shuffle=False, pin_memory=device.type == "cuda",

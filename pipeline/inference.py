@@ -39,6 +39,7 @@ from pipeline.data.imageio import UnsupportedMode, eight_bit, fit, read_gray, re
 from pipeline.data.loader import to_model
 from pipeline.data.maps import as_edge_map, canny_edges
 from pipeline.data.pose import NUM_JOINTS, POSE_CHANNELS, encode_pose, keypoints_in_frame, read_openpose
+from pipeline.mkl_vml import settle_vml_dispatch
 from pipeline.model_files import load_model, read_run_info
 
 TASKS = ("mask", "edge", "pose")
@@ -248,6 +249,7 @@ class Translator:
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.task = task
+        settle_vml_dispatch()  # before the first forward pass of this process
 
     @property
     def cfg(self) -> ModelConfig:

@@ -10,7 +10,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.mkl_vml import settle_vml_dispatch  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+settle_vml_dispatch()  # tests that build a model themselves (the parity tests) get exact first forward passes too
 
 
 def fixtures_dir() -> Path:

@@ -34,6 +34,7 @@ from pipeline import tracking
 from pipeline.data.errors import DataError
 from pipeline.data.loader import ShardLoader, make_loader, to_model
 from pipeline.data.schema import stable_hash
+from pipeline.mkl_vml import settle_vml_dispatch
 from pipeline.train.audit import Audit
 from pipeline.train.checkpoint import (DataPosition, find_checkpoint, restore_rank_state, restore_training_state,
                                        save_rank_state, save_training_state)
@@ -167,6 +168,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.cpus_per_worker)
+    settle_vml_dispatch()  # before this worker's first (multi-threaded) forward pass
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     vgg = load_vgg(cfg.vgg_weights, cfg.seed, loud=rank == 0)
